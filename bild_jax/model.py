@@ -1,0 +1,90 @@
+"""`Model`: a family's config (static) and its parameters (a pytree), usable inside `jax.jit`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct, traverse_util
+
+from bild_jax.models import ModelFamily, family_for
+
+
+@struct.dataclass
+class Model:
+    """A loaded model. Pass it straight into jitted functions: the config is static, the params traced."""
+
+    config: Any = struct.field(pytree_node=False)  # a family config: frozen, hashable dataclass
+    params: Any                                    # nested dict of arrays
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_for(self.config.model_type)
+
+    @property
+    def module(self):
+        return self.family.module(self.config)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.family.is_encoder_decoder
+
+    @property
+    def dtype(self):
+        return jax.tree_util.tree_leaves(self.params)[0].dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def start_cache(self, batch: int, capacity: int, encoder_input_ids: jax.Array | None = None,
+                    encoder_mask: jax.Array | None = None):
+        """An empty decoder cache of `capacity` slots per row; for encoder-decoder models the encoder runs
+        here once over `encoder_input_ids` [B, T] (with `encoder_mask` [B, T]) and its keys/values are kept."""
+        cache = self.family.init_cache(self.config, batch, capacity, self.dtype)
+        if self.is_encoder_decoder:
+            cache = self.family.encode_into_cache(self.module, self.params, encoder_input_ids, encoder_mask, cache)
+        return cache
+
+    def decode(self, tokens: jax.Array, cache) -> tuple[jax.Array, Any]:
+        """The one cached forward: tokens [B, K] int32 written at `cache.lengths` -> logits [B, K, V] float32
+        and the cache with lengths moved K forward."""
+        method = self.module.decode if self.is_encoder_decoder else self.module.__call__
+        return self.module.apply({"params": self.params}, tokens, cache, method=method)
+
+
+def param_shapes(family: ModelFamily, config) -> dict[tuple, tuple]:
+    """Flat {flax path: shape} of a model's parameters, computed without allocating them."""
+    module = family.module(config)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    args = (dummy, dummy) if family.is_encoder_decoder else (dummy,)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))["params"]
+    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(shapes).items()}
+
+
+@jax.jit
+def _forward(model: Model, input_ids, decoder_input_ids, attention_mask):
+    if model.is_encoder_decoder:
+        return model.module.apply({"params": model.params}, input_ids, decoder_input_ids, attention_mask)
+    return model.module.apply({"params": model.params}, input_ids, None, attention_mask)[0]
+
+
+def forward_logits(model: Model, input_ids, decoder_input_ids=None, attention_mask=None) -> jax.Array:
+    """Full forward without a cache: logits [B, T, V] float32 for input_ids [B, T] int32.
+
+    Encoder-decoder models need `decoder_input_ids` [B, K] and return [B, K, V]; `attention_mask` [B, T]
+    marks real tokens of `input_ids` (decoder-only: right padding only, positions count from 0).
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    if model.is_encoder_decoder:
+        if decoder_input_ids is None:
+            raise ValueError(f"{model.config.model_type} is an encoder-decoder model: pass decoder_input_ids")
+        decoder_input_ids = jnp.asarray(decoder_input_ids, jnp.int32)
+    elif decoder_input_ids is not None:
+        raise ValueError(f"{model.config.model_type} is decoder-only: decoder_input_ids must be None")
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask, bool)
+    return _forward(model, input_ids, decoder_input_ids, attention_mask)

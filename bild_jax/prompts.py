@@ -1,0 +1,115 @@
+"""Prompt batches: ragged input -> right-padded bucket + per-row lengths, and prefill of a model's cache."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bild_jax.model import Model
+
+MIN_BUCKET = 8
+
+
+def bucket_length(length: int) -> int:
+    """The padded prompt width for a prompt of `length` tokens: the next power of two, at least 8, so that
+    new prompts of similar length reuse the same compiled program."""
+    return max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
+
+
+def prepare_prompts(input_ids, attention_mask=None, vocab_size: int | None = None,
+                    bucket: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side: prompts -> (ids [B, T_bucket] int32 right-padded with 0, lengths [B] int32).
+
+    `input_ids`: a list of token lists (ragged), or a [B, T] int array whose `attention_mask` [B, T] marks
+    real tokens (left or right padding). Every row must hold at least one token, all ids in [0, vocab_size).
+    """
+    rows = _rows(input_ids, attention_mask)
+    if not rows:
+        raise ValueError("input_ids holds no prompts (batch of size 0)")
+    empty = [i for i, row in enumerate(rows) if len(row) == 0]
+    if empty:
+        raise ValueError(f"empty prompt in row(s) {empty}: every prompt needs at least one token")
+    lengths = np.array([len(row) for row in rows], np.int32)
+    width = bucket or bucket_length(int(lengths.max()))
+    if width < lengths.max():
+        raise ValueError(f"prompt of {lengths.max()} tokens does not fit the bucket of {width}")
+    ids = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+    if vocab_size is not None:
+        bad = [int(t) for row in rows for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token ids {sorted(set(bad))[:10]} are outside the vocabulary [0, {vocab_size})")
+    return ids, lengths
+
+
+def _rows(input_ids, attention_mask) -> list[np.ndarray]:
+    if isinstance(input_ids, (list, tuple)) and (not input_ids or not np.isscalar(input_ids[0])):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only for padded [B, T] arrays; ragged lists need none")
+        return [np.asarray(row, np.int64).reshape(-1) for row in input_ids]
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T] or a list of token lists, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+    if attention_mask is None:
+        return list(ids)
+    mask = np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+    return [row[m] for row, m in zip(ids, mask)]
+
+
+def eos_array(model: Model, eos_token_id: int | Sequence[int] | None) -> jax.Array:
+    """[E] int32 end-of-sequence ids: the given ones, or the model config's when None."""
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    eos = np.atleast_1d(np.asarray(eos_token_id, np.int64)).reshape(-1)
+    if eos.size and not ((eos >= 0) & (eos < model.vocab_size)).all():
+        raise ValueError(f"eos_token_id {eos.tolist()} outside the vocabulary [0, {model.vocab_size})")
+    return jnp.asarray(eos, jnp.int32)
+
+
+def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    """tokens [...] int32, eos_ids [E] int32 -> [...] bool."""
+    return (tokens[..., None] == eos_ids).any(-1)
+
+
+def check_positions(model: Model, longest_prompt: int, max_new_tokens: int) -> None:
+    """A clear error when a prompt plus the new tokens exceeds the model's position limit."""
+    limit = model.config.max_positions
+    if model.is_encoder_decoder or limit is None:
+        return
+    if longest_prompt + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest_prompt} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                         f"{model.config.model_type} model's {limit} positions")
+
+
+def decoder_capacity(model: Model, prompt_width: int, new_positions: int) -> int:
+    """Cache slots a decoder needs: the prompt bucket (decoder-only) plus `new_positions`."""
+    return new_positions if model.is_encoder_decoder else prompt_width + new_positions
+
+
+def prefill(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, capacity: int):
+    """Runs the prompt through a fresh cache of `capacity` slots.
+
+    prompts [B, T] int32 right-padded, prompt_lengths [B] int32. Returns (logits [B, V] float32 of the first
+    new token, cache holding every prompt position). For encoder-decoder models the prompt feeds the
+    encoder and the decoder starts from `decoder_start_token_id`.
+    """
+    batch, width = prompts.shape
+    if model.is_encoder_decoder:
+        encoder_mask = jnp.arange(width)[None, :] < prompt_lengths[:, None]
+        cache = model.start_cache(batch, capacity, prompts, encoder_mask)
+        start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
+        logits, cache = model.decode(start, cache)
+        return logits[:, 0], cache
+    logits, cache = model.decode(prompts, model.start_cache(batch, capacity))
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last, cache.with_lengths(prompt_lengths)
