@@ -95,7 +95,7 @@ def load_model(path_or_hub_id: str | Path, dtype=jnp.float32) -> Model:
     if "model_type" not in hf_config:
         raise ValueError(f"{model_dir / 'config.json'} has no model_type")
     family = family_for(hf_config["model_type"])
-    config = family.config_from_hf(hf_config)
+    config = family.config_class.from_hf(hf_config)
     tensors = read_safetensors(model_dir)
     params = convert_hf_tensors(tensors, param_shapes(family, config), lambda name: family.hf_param_path(config, name),
                                 transpose_linear=family.transpose_linear, dtype=jnp.dtype(dtype))

@@ -11,6 +11,7 @@ import numpy as np
 from bild_jax.model import Model
 
 MIN_BUCKET = 8
+MAX_EOS_IDS = 8
 
 
 def bucket_length(length: int) -> int:
@@ -67,13 +68,16 @@ def _rows(input_ids, attention_mask) -> list[np.ndarray]:
 
 
 def eos_array(model: Model, eos_token_id: int | Sequence[int] | None) -> jax.Array:
-    """[E] int32 end-of-sequence ids: the given ones, or the model config's when None."""
+    """[MAX_EOS_IDS] int32 end-of-sequence ids padded with -1: the given ones, or the model config's when
+    None. A fixed width keeps one compiled program for any set of EOS ids."""
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     eos = np.atleast_1d(np.asarray(eos_token_id, np.int64)).reshape(-1)
+    if eos.size > MAX_EOS_IDS:
+        raise ValueError(f"at most {MAX_EOS_IDS} eos_token_id values are supported, got {eos.size}")
     if eos.size and not ((eos >= 0) & (eos < model.vocab_size)).all():
         raise ValueError(f"eos_token_id {eos.tolist()} outside the vocabulary [0, {model.vocab_size})")
-    return jnp.asarray(eos, jnp.int32)
+    return jnp.asarray(np.pad(eos, (0, MAX_EOS_IDS - eos.size), constant_values=-1), jnp.int32)
 
 
 def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:

@@ -52,6 +52,7 @@ def token_ids(value) -> tuple:
         return ()
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
+
 def attention(query: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
               bias: jax.Array | None = None, scale: float = 1.0) -> jax.Array:
     """Grouped-query attention with scores and softmax in float32.

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from bild_jax.cache import KVCache
 from bild_jax.models.layers import (RMSNorm, activation, advanced_cache, attention, cached_keys_values,
-                                    decoder_positions_and_mask)
+                                    decoder_positions_and_mask, token_ids)
 from bild_jax.models.family import ModelFamily
 from bild_jax.weights import hf_name_to_flax_path
 
@@ -83,15 +83,9 @@ class LlamaConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hf.get("hidden_act", "silu"),
             sliding_window=sliding_window,
-            eos_token_id=_as_tuple(hf.get("eos_token_id")),
+            eos_token_id=token_ids(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
         )
-
-
-def _as_tuple(value) -> tuple:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
@@ -223,7 +217,7 @@ def hf_param_path(config: LlamaConfig, name: str) -> tuple[str, ...] | None:
 
 FAMILY = ModelFamily(
     model_types=MODEL_TYPES,
-    config_from_hf=LlamaConfig.from_hf,
+    config_class=LlamaConfig,
     module=LlamaForCausalLM,
     init_cache=init_cache,
     hf_param_path=hf_param_path,

@@ -1,0 +1,182 @@
+"""GPT-2 family (HF `gpt2`): learned positions, pre-LayerNorm blocks, fused QKV, LM head tied to the
+token embedding (untied when the config says so)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bild_jax.cache import KVCache
+from bild_jax.models.family import ModelFamily
+from bild_jax.models.layers import (activation, advanced_cache, attention, cached_keys_values,
+                                    decoder_positions_and_mask, token_ids)
+from bild_jax.weights import hf_name_to_flax_path
+
+# Non-parameter buffers that old GPT-2 checkpoints (the hub `gpt2` one included) still carry.
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Hyper-parameters read from an HF `config.json` of a GPT-2 model."""
+
+    model_type: str
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    layer_norm_epsilon: float
+    activation_function: str = "gelu_new"
+    max_positions: int = 1024
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    eos_token_id: tuple = ()
+    pad_token_id: int | None = None
+    is_encoder_decoder = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "GPT2Config":
+        """Reads an HF GPT-2 config dict; a clear error for options this implementation lacks."""
+        if hf.get("add_cross_attention", False):
+            raise NotImplementedError("GPT-2 with add_cross_attention=True (cross-attention layers) is not supported")
+        # `reorder_and_upcast_attn` only moves the scaling into a float32 matmul; `attention` already computes
+        # scores and softmax in float32, so the option needs nothing here.
+        n_embd, n_head = hf["n_embd"], hf["n_head"]
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        act = hf.get("activation_function", "gelu_new")
+        activation(act)  # an unsupported activation fails here, at load time
+        return cls(
+            model_type=hf["model_type"],
+            vocab_size=hf["vocab_size"],
+            n_embd=n_embd,
+            n_layer=hf["n_layer"],
+            n_head=n_head,
+            n_inner=hf.get("n_inner") or 4 * n_embd,
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            activation_function=act,
+            max_positions=hf.get("n_positions", 1024),
+            scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
+            scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            eos_token_id=token_ids(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+
+def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
+    # HF computes the variance as mean((x - mean)^2); flax's fast variance E[x^2] - E[x]^2 loses precision.
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, use_fast_variance=False, name=name)
+
+
+class GPT2Attention(nn.Module):
+    config: GPT2Config
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, mask, cache):
+        cfg = self.config
+        batch, width, _ = x.shape
+        # c_attn's kernel is HF's Conv1D weight as is: [n_embd, 3 * n_embd], columns ordered q | k | v.
+        qkv = nn.Dense(3 * cfg.n_embd, name="c_attn")(x).reshape(batch, width, 3, cfg.n_head, cfg.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        keys, values = cached_keys_values(cache, self.layer, k, v)
+        scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer + 1
+        out = attention(q, keys, values, mask, scale=scale)
+        out = nn.Dense(cfg.n_embd, name="c_proj")(out.reshape(batch, width, -1))
+        return out, keys, values
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        hidden = activation(cfg.activation_function)(nn.Dense(cfg.n_inner, name="c_fc")(x))
+        return nn.Dense(cfg.n_embd, name="c_proj")(hidden)
+
+
+class GPT2Block(nn.Module):
+    config: GPT2Config
+    layer: int
+
+    @nn.compact
+    def __call__(self, h, mask, cache):
+        cfg = self.config
+        attn, keys, values = GPT2Attention(cfg, self.layer, name="attn")(_layer_norm(cfg, "ln_1")(h), mask, cache)
+        h = h + attn
+        h = h + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(h))
+        return h, keys, values
+
+
+class GPT2LMHeadModel(nn.Module):
+    """Decoder-only GPT-2 transformer.
+
+    `__call__(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, cache)`:
+    with a cache, the K tokens are written at each row's `cache.lengths` and the returned cache has its
+    lengths moved K forward; without one, the K tokens are the whole sequence.
+    """
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, tokens, cache: KVCache | None = None, attention_mask=None):
+        cfg = self.config
+        batch, width = tokens.shape
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte")
+        positions, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
+        # Real tokens never pass the table (callers check prompt + new tokens against max_positions), but
+        # padding slots of a verification block may: clamp them, as an out-of-range row would read NaNs
+        # that masked attention still multiplies (0 * NaN) into every later step.
+        positions = jnp.minimum(positions, cfg.max_positions - 1)
+        h = wte(tokens) + nn.Embed(cfg.max_positions, cfg.n_embd, name="wpe")(positions)
+        layer_keys, layer_values = [], []
+        for i in range(cfg.n_layer):
+            h, keys, values = GPT2Block(cfg, i, name=f"h_{i}")(h, mask, cache)
+            layer_keys.append(keys)
+            layer_values.append(values)
+        h = _layer_norm(cfg, "ln_f")(h)
+        if cfg.tie_word_embeddings:
+            logits = wte.attend(h)
+        else:
+            # An Embed, not a Dense: HF's lm_head is an nn.Linear stored [vocab, n_embd], which the family's
+            # untransposed (Conv1D) weight layout would otherwise load the wrong way round.
+            logits = nn.Embed(cfg.vocab_size, cfg.n_embd, name="lm_head").attend(h)
+        return logits.astype(jnp.float32), advanced_cache(cache, layer_keys, layer_values, width)
+
+
+def init_cache(config: GPT2Config, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+    """An empty [B, capacity] cache for this model."""
+    return KVCache.create(config.n_layer, batch, capacity, config.n_head, config.head_dim, dtype)
+
+
+def hf_param_path(config: GPT2Config, name: str) -> tuple[str, ...] | None:
+    """The Flax parameter path for an HF tensor name (with or without the `transformer.` prefix of
+    GPT2LMHeadModel); None for attention-mask buffers and for a tied `lm_head.weight`."""
+    name = name.removeprefix("transformer.")
+    if name.endswith(_BUFFER_SUFFIXES):
+        return None
+    if config.tie_word_embeddings and name == "lm_head.weight":
+        return None
+    return hf_name_to_flax_path(name)
+
+
+FAMILY = ModelFamily(
+    model_types=("gpt2",),
+    config_class=GPT2Config,
+    module=GPT2LMHeadModel,
+    init_cache=init_cache,
+    hf_param_path=hf_param_path,
+    transpose_linear=False,
+)

@@ -1,0 +1,378 @@
+"""T5 family (HF `t5`, `mt5`): encoder-decoder with relative position buckets, RMS norms, unscaled attention."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from bild_jax.cache import KVCache
+from bild_jax.models.family import ModelFamily
+from bild_jax.models.layers import (RMSNorm, activation, advanced_cache, attention, cached_keys_values,
+                                    decoder_positions_and_mask, token_ids)
+from bild_jax.weights import hf_name_to_flax_path
+
+MODEL_TYPES = ("t5", "mt5")
+# The shared embedding, and the copies of it that some checkpoints also store under the stacks' names.
+_EMBEDDING_NAMES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Hyper-parameters read from an HF `config.json` of a T5 or mT5 model."""
+
+    model_type: str
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_decoder_layers: int
+    num_heads: int
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    dense_act_fn: str = "relu"
+    is_gated_act: bool = False
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool = True  # decoder output times d_model**-0.5 before the lm head
+    eos_token_id: tuple = (1,)
+    pad_token_id: int | None = 0
+    decoder_start_token_id: int = 0
+    max_positions = None  # relative positions: no hard limit on sequence length
+    is_encoder_decoder = True
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "T5Config":
+        """Reads an HF config dict, resolving tying and output scaling the way transformers 5.23 does."""
+        model_type = hf["model_type"]
+        feed_forward = hf.get("feed_forward_proj", "gated-gelu" if model_type == "mt5" else "relu")
+        parts = feed_forward.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ValueError(f"feed_forward_proj {feed_forward!r} is not of the form 'gated-ACT' or 'ACT'")
+        dense_act_fn = "gelu_new" if feed_forward == "gated-gelu" else parts[-1]
+        activation(dense_act_fn)  # an unsupported activation fails here, not at the first forward
+        tie = hf.get("tie_word_embeddings")
+        # T5 v1.0 rescales the decoder output and v1.1 does not. transformers 5.23 saves that choice as
+        # `scale_decoder_outputs`, older configs signal v1.1 by `tie_word_embeddings: false`, and its
+        # MT5ForConditionalGeneration never rescales.
+        if model_type == "mt5":
+            scale = False
+        else:
+            scale = bool(hf.get("scale_decoder_outputs", tie is not False))
+        pad_token_id = hf.get("pad_token_id", 0)
+        decoder_start = hf.get("decoder_start_token_id")
+        num_layers = hf["num_layers"]
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            d_model=hf["d_model"],
+            d_kv=hf["d_kv"],
+            d_ff=hf["d_ff"],
+            num_layers=num_layers,
+            num_decoder_layers=hf.get("num_decoder_layers") or num_layers,
+            num_heads=hf["num_heads"],
+            relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+            dense_act_fn=dense_act_fn,
+            is_gated_act=len(parts) == 2,
+            tie_word_embeddings=tie is not False,
+            scale_decoder_outputs=scale,
+            eos_token_id=token_ids(hf.get("eos_token_id", 1)),
+            pad_token_id=pad_token_id,
+            decoder_start_token_id=decoder_start if decoder_start is not None else (pad_token_id or 0),
+        )
+
+
+@struct.dataclass
+class T5Cache:
+    """Decoder cache: self-attention keys/values with per-row cursors, plus the encoder's cross-attention inputs."""
+
+    self_attn: KVCache
+    cross_keys: tuple[jax.Array, ...]    # num_decoder_layers x [B, T_enc, H, D]
+    cross_values: tuple[jax.Array, ...]  # num_decoder_layers x [B, T_enc, H, D]
+    encoder_mask: jax.Array              # [B, T_enc] bool: real (non-padding) encoder tokens
+
+    @property
+    def lengths(self) -> jax.Array:
+        return self.self_attn.lengths
+
+    @property
+    def capacity(self) -> int:
+        return self.self_attn.capacity
+
+    def with_lengths(self, lengths: jax.Array) -> "T5Cache":
+        """The same cache with its self-attention cursors moved (truncation or commit); [B] int32."""
+        return self.replace(self_attn=self.self_attn.with_lengths(lengths))
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+    """HF T5's bucket (int32, same shape) of each key-minus-query distance: exact when small, log-spaced beyond.
+
+    Computed in float32 like the reference, so that distances on a bucket boundary land in the same bucket.
+    """
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets = (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    # Clamping to 1 keeps the log finite where the exact branch is taken anyway.
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+    large = jnp.minimum(max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32), num_buckets - 1)
+    return buckets + jnp.where(distance < max_exact, distance, large)
+
+
+class T5Attention(nn.Module):
+    config: T5Config
+    has_relative_bias: bool = False  # only the first block of each stack owns the bias table
+    bidirectional: bool = True
+
+    def setup(self):
+        cfg = self.config
+        inner = cfg.num_heads * cfg.d_kv
+        self.q = nn.Dense(inner, use_bias=False)
+        self.k = nn.Dense(inner, use_bias=False)
+        self.v = nn.Dense(inner, use_bias=False)
+        self.o = nn.Dense(cfg.d_model, use_bias=False)
+        if self.has_relative_bias:
+            self.relative_attention_bias = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads)
+
+    def keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, S, H, D] of hidden states x [B, S, d_model]."""
+        shape = x.shape[:2] + (self.config.num_heads, self.config.d_kv)
+        return self.k(x).reshape(shape), self.v(x).reshape(shape)
+
+    def position_bias(self, query_positions: jax.Array, num_keys: int) -> jax.Array:
+        """Additive bias [B, H, K, S] float32 for queries at query_positions [B, K] and keys at slots 0..S-1."""
+        cfg = self.config
+        relative = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :] - query_positions[:, :, None]
+        buckets = relative_position_bucket(relative, self.bidirectional, cfg.relative_attention_num_buckets,
+                                           cfg.relative_attention_max_distance)
+        return self.relative_attention_bias(buckets).astype(jnp.float32).transpose(0, 3, 1, 2)
+
+    def __call__(self, x, keys, values, mask, bias=None):
+        batch, width, _ = x.shape
+        query = self.q(x).reshape(batch, width, self.config.num_heads, self.config.d_kv)
+        # T5 folds the 1/sqrt(d) scaling into its initialisation, so scores are not rescaled.
+        out = attention(query, keys, values, mask, bias, scale=1.0)
+        return self.o(out.reshape(batch, width, -1))
+
+
+class T5LayerSelfAttention(nn.Module):
+    config: T5Config
+    has_relative_bias: bool
+    bidirectional: bool
+
+    def setup(self):
+        self.SelfAttention = T5Attention(self.config, self.has_relative_bias, self.bidirectional)
+        self.layer_norm = RMSNorm(self.config.layer_norm_epsilon)
+
+    def __call__(self, h, mask, bias, cache: KVCache | None, layer: int):
+        normed = self.layer_norm(h)
+        keys, values = cached_keys_values(cache, layer, *self.SelfAttention.keys_values(normed))
+        return h + self.SelfAttention(normed, keys, values, mask, bias), keys, values
+
+
+class T5LayerCrossAttention(nn.Module):
+    config: T5Config
+
+    def setup(self):
+        self.EncDecAttention = T5Attention(self.config)
+        self.layer_norm = RMSNorm(self.config.layer_norm_epsilon)
+
+    def __call__(self, h, keys, values, mask):
+        return h + self.EncDecAttention(self.layer_norm(h), keys, values, mask)
+
+
+class T5DenseReluDense(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        act = activation(cfg.dense_act_fn)
+        if cfg.is_gated_act:
+            hidden = act(nn.Dense(cfg.d_ff, use_bias=False, name="wi_0")(x)) * nn.Dense(
+                cfg.d_ff, use_bias=False, name="wi_1")(x)
+        else:
+            hidden = act(nn.Dense(cfg.d_ff, use_bias=False, name="wi")(x))
+        return nn.Dense(cfg.d_model, use_bias=False, name="wo")(hidden)
+
+
+class T5LayerFF(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, h):
+        normed = RMSNorm(self.config.layer_norm_epsilon, name="layer_norm")(h)
+        return h + T5DenseReluDense(self.config, name="DenseReluDense")(normed)
+
+
+class T5Block(nn.Module):
+    config: T5Config
+    is_decoder: bool
+    index: int
+
+    def setup(self):
+        self_attention = T5LayerSelfAttention(self.config, self.index == 0, not self.is_decoder)
+        if self.is_decoder:
+            self.layer = [self_attention, T5LayerCrossAttention(self.config), T5LayerFF(self.config)]
+        else:
+            self.layer = [self_attention, T5LayerFF(self.config)]
+
+    def __call__(self, h, mask, bias, cache, cross_keys=None, cross_values=None, cross_mask=None):
+        h, keys, values = self.layer[0](h, mask, bias, cache, self.index)
+        if self.is_decoder:
+            h = self.layer[1](h, cross_keys, cross_values, cross_mask)
+        return self.layer[-1](h), keys, values
+
+
+class T5Stack(nn.Module):
+    """The encoder or the decoder stack, taking embedded tokens [B, K, d_model]."""
+
+    config: T5Config
+    is_decoder: bool
+
+    def setup(self):
+        cfg = self.config
+        depth = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+        self.block = [T5Block(cfg, self.is_decoder, i) for i in range(depth)]
+        self.final_layer_norm = RMSNorm(cfg.layer_norm_epsilon)
+
+    def cross_keys_values(self, encoder_hidden: jax.Array) -> tuple[tuple, tuple]:
+        """Per decoder layer, the cross-attention keys and values [B, T, H, D] of the encoder output."""
+        pairs = [block.layer[1].EncDecAttention.keys_values(encoder_hidden) for block in self.block]
+        return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
+
+    def __call__(self, h, positions, mask, cache: KVCache | None = None, cross_keys=(), cross_values=(),
+                 cross_mask=None):
+        """h [B, K, d_model] at positions [B, K], self-attention mask [B, K, S] -> (hidden, keys, values per layer)."""
+        # The first block's bias table serves every block of the stack.
+        bias = self.block[0].layer[0].SelfAttention.position_bias(positions, mask.shape[-1])
+        layer_keys, layer_values = [], []
+        for i, block in enumerate(self.block):
+            cross = (cross_keys[i], cross_values[i], cross_mask) if self.is_decoder else ()
+            h, keys, values = block(h, mask, bias, cache, *cross)
+            layer_keys.append(keys)
+            layer_values.append(values)
+        return self.final_layer_norm(h), layer_keys, layer_values
+
+
+def _key_mask(mask: jax.Array, width: int) -> jax.Array:
+    """[B, T] bool mask of real keys -> [B, K, T] for K queries."""
+    return jnp.broadcast_to(mask[:, None, :], (mask.shape[0], width, mask.shape[1]))
+
+
+def _encoder_mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    if attention_mask is None:
+        return jnp.ones(input_ids.shape, bool)
+    return attention_mask.astype(bool)
+
+
+class T5ForConditionalGeneration(nn.Module):
+    """T5 / mT5 encoder-decoder with a language-modelling head.
+
+    `__call__(input_ids [B, T], decoder_input_ids [B, K], attention_mask [B, T] or None) -> logits [B, K, V]
+    float32` is the uncached forward; `encode` runs the encoder and `decode` the cached decoder.
+    """
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model)
+        self.encoder = T5Stack(cfg, is_decoder=False)
+        self.decoder = T5Stack(cfg, is_decoder=True)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)
+
+    def __call__(self, input_ids, decoder_input_ids, attention_mask=None):
+        encoder_mask = _encoder_mask(input_ids, attention_mask)
+        cross_keys, cross_values = self.decoder.cross_keys_values(self.encode(input_ids, encoder_mask))
+        batch, width = decoder_input_ids.shape
+        positions, mask = decoder_positions_and_mask(batch, width, None)
+        h, _, _ = self.decoder(self.shared(decoder_input_ids), positions, mask, None, cross_keys, cross_values,
+                               _key_mask(encoder_mask, width))
+        return self._logits(h)
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Encoder output [B, T, d_model] of input_ids [B, T] int32; attention_mask [B, T] marks real tokens."""
+        width = input_ids.shape[1]
+        positions = jnp.arange(width, dtype=jnp.int32)[None, :]
+        mask = _key_mask(_encoder_mask(input_ids, attention_mask), width)
+        h, _, _ = self.encoder(self.shared(input_ids), positions, mask)
+        return h
+
+    def encoder_cross_keys_values(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
+        """Runs the encoder once: per decoder layer, the cross-attention keys and values [B, T, H, D]."""
+        return self.decoder.cross_keys_values(self.encode(input_ids, attention_mask))
+
+    def decode(self, tokens: jax.Array, cache: T5Cache) -> tuple[jax.Array, T5Cache]:
+        """tokens [B, K] int32 written at `cache.lengths` -> (logits [B, K, V] float32, cache moved K forward)."""
+        batch, width = tokens.shape
+        positions, mask = decoder_positions_and_mask(batch, width, cache.self_attn)
+        h, keys, values = self.decoder(self.shared(tokens), positions, mask, cache.self_attn, cache.cross_keys,
+                                       cache.cross_values, _key_mask(cache.encoder_mask, width))
+        return self._logits(h), cache.replace(self_attn=advanced_cache(cache.self_attn, keys, values, width))
+
+    def _logits(self, h):
+        if self.config.scale_decoder_outputs:
+            h = h * self.config.d_model ** -0.5
+        logits = self.shared.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+
+def init_cache(config: T5Config, batch: int, capacity: int, dtype=jnp.float32) -> T5Cache:
+    """An empty [B, capacity] decoder cache; its cross-attention entries stay empty until `encode_into_cache`."""
+    empty = jnp.zeros((batch, 0, config.num_heads, config.d_kv), dtype)
+    return T5Cache(
+        self_attn=KVCache.create(config.num_decoder_layers, batch, capacity, config.num_heads, config.d_kv, dtype),
+        cross_keys=(empty,) * config.num_decoder_layers,
+        cross_values=(empty,) * config.num_decoder_layers,
+        encoder_mask=jnp.zeros((batch, 0), bool),
+    )
+
+
+def encode_into_cache(module: T5ForConditionalGeneration, params, input_ids: jax.Array,
+                      attention_mask: jax.Array | None, cache: T5Cache) -> T5Cache:
+    """Runs the encoder over input_ids [B, T] (attention_mask [B, T], None for all real) and stores the
+    cross-attention keys/values and the encoder mask in the cache."""
+    encoder_mask = _encoder_mask(input_ids, attention_mask)
+    keys, values = module.apply({"params": params}, input_ids, encoder_mask,
+                                method=module.encoder_cross_keys_values)
+    dtype = cache.self_attn.keys[0].dtype
+    return cache.replace(cross_keys=tuple(k.astype(dtype) for k in keys),
+                         cross_values=tuple(v.astype(dtype) for v in values), encoder_mask=encoder_mask)
+
+
+def hf_param_path(config: T5Config, name: str) -> tuple[str, ...] | None:
+    """The Flax parameter path for an HF tensor name; None for tensors that carry nothing."""
+    if name in _EMBEDDING_NAMES:
+        # Sorted loading puts `shared.weight` last, so it wins over its copies; checkpoints that store only
+        # the copies (e.g. madlad400) still load.
+        return ("shared", "weight")
+    if name.endswith("EncDecAttention.relative_attention_bias.weight"):
+        return None  # cross-attention has no position bias; HF ignores this tensor too
+    # A tied config keeps `lm_head.weight` unmapped on purpose: transformers 5.23 writes
+    # `tie_word_embeddings: true` even for untied models, and a checkpoint that stores its own lm head must
+    # fail loudly as unexpected rather than load with the wrong head.
+    return hf_name_to_flax_path(name)
+
+
+FAMILY = ModelFamily(
+    model_types=MODEL_TYPES,
+    config_class=T5Config,
+    module=T5ForConditionalGeneration,
+    init_cache=init_cache,
+    hf_param_path=hf_param_path,
+    encode_into_cache=encode_into_cache,
+)

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random HF models saved once per session."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tiny_models import TINY_CONFIGS, build_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory):
+    """saved_model(name) -> (HF PyTorch model, directory it was saved to with save_pretrained)."""
+
+    @functools.cache
+    def save(name: str):
+        hf_model = build_hf_model(name)
+        directory = tmp_path_factory.mktemp(name)
+        hf_model.save_pretrained(directory)
+        return hf_model, directory
+
+    return save
+
+
+ALL_MODELS = sorted(TINY_CONFIGS)
+
+
+def _perturbed(model, scale: float, seed: int):
+    """The same architecture with every parameter moved by `scale` of its own spread: a small model that
+    agrees with the original on most but not all tokens."""
+    import jax
+
+    leaves, tree = jax.tree_util.tree_flatten(model.params)
+    key = jax.random.PRNGKey(seed)
+    noisy = [x + scale * x.std() * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+             for i, x in enumerate(leaves)]
+    return model.replace(params=jax.tree_util.tree_unflatten(tree, noisy))
+
+
+# Final-norm weights per family: scaling them sharpens the next-token distribution, so that random
+# models have confident steps as well as unsure ones.
+_FINAL_NORMS = {"llama": [("norm", "weight")], "gpt2": [("ln_f", "scale"), ("ln_f", "bias")],
+                "t5": [("decoder", "final_layer_norm", "weight")]}
+
+
+def _sharpened(model, factor: float):
+    import jax
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: x, model.params))
+    for path in _FINAL_NORMS[model.config.model_type]:
+        flat[path] = flat[path] * factor
+    return model.replace(params=traverse_util.unflatten_dict(flat))
+
+
+@pytest.fixture(scope="session")
+def bild_pair(saved_model, tmp_path_factory):
+    """bild_pair(kind) -> (small, large) bild_jax Models sharing a vocabulary.
+
+    "llama": a Llama large model and a perturbed copy as the small one; "mixed": a GPT-2 small model with
+    the Llama large one; "t5": a T5 v1.0 large model and a perturbed copy.
+    """
+    import bild_jax
+    import jax
+
+    @functools.cache
+    def build(kind: str):
+        large_name = {"llama": "llama-gqa", "mixed": "llama-gqa", "t5": "t5-v1.0"}[kind]
+        large = bild_jax.load_model(saved_model(large_name)[1])
+        if kind == "t5":
+            # Random tied std-1 embeddings dominate T5's residual stream, so greedy decoding just repeats a
+            # token; shrunk ones give varied continuations.
+            params = jax.tree_util.tree_map(lambda x: x, large.params)
+            params["shared"]["embedding"] = 0.1 * params["shared"]["embedding"]
+            large = large.replace(params=params)
+        large = _sharpened(large, 50.0)
+        if kind == "mixed":
+            directory = tmp_path_factory.mktemp("gpt2-v97")
+            build_hf_model("gpt2-v97", seed=3).save_pretrained(directory)
+            return _sharpened(bild_jax.load_model(directory), 50.0), large
+        return _perturbed(large, 0.2, seed=7), large
+
+    return build
