@@ -1,10 +1,15 @@
 """bild-jax: Big Little Decoder text generation in JAX/Flax."""
 
+from bild_jax.bild import BiLDConfig, BiLDOutput, BiLDPolicy, BiLDStats, bild_decode, bild_generate, make_bild_decode
+from bild_jax.checkpoint import restore_converted, save_converted
 from bild_jax.generate import GenerateOutput, greedy_decode, greedy_generate
 from bild_jax.hub import load_model, load_tokenizer
 from bild_jax.model import Model, forward_logits
 
 __version__ = "0.1.0"
 
-__all__ = ["GenerateOutput", "Model", "forward_logits", "greedy_decode", "greedy_generate", "load_model",
-           "load_tokenizer", "__version__"]
+__all__ = [
+    "BiLDConfig", "BiLDOutput", "BiLDPolicy", "BiLDStats", "GenerateOutput", "Model", "bild_decode",
+    "bild_generate", "forward_logits", "greedy_decode", "greedy_generate", "load_model", "load_tokenizer",
+    "make_bild_decode", "restore_converted", "save_converted", "__version__",
+]
