@@ -14,17 +14,27 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
-def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True, max_new_tokens: int = 64) -> None:
     defaults = bild_jax.BiLDConfig()
-    parser.add_argument("--small", required=True, help="small model: HF-format directory or hub id")
-    parser.add_argument("--large", required=True, help="large model: HF-format directory or hub id")
-    parser.add_argument("--fallback", type=float, default=defaults.fallback_threshold,
-                        help="fallback threshold in [0, 1] (default %(default)s)")
-    parser.add_argument("--rollback", type=float, default=defaults.rollback_threshold,
-                        help="rollback threshold >= 0, or inf (default %(default)s)")
+    parser.add_argument("--small", default="bundled:small",
+                        help="small model: HF-format directory, hub id or bundled:NAME (default %(default)s)")
+    parser.add_argument("--large", default="bundled:large",
+                        help="large model: HF-format directory, hub id or bundled:NAME (default %(default)s)")
+    if thresholds:
+        parser.add_argument("--fallback", type=float, default=defaults.fallback_threshold,
+                            help="fallback threshold in [0, 1] (default %(default)s)")
+        parser.add_argument("--rollback", type=float, default=defaults.rollback_threshold,
+                            help="rollback threshold >= 0, or inf (default %(default)s)")
     parser.add_argument("--max-draft", type=int, default=defaults.max_draft,
                         help="small-model tokens before the large model must verify (default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="(default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="(default %(default)s)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (batched)")
     generate.add_argument("--exact", action="store_true", help="lossless: output equals the large model's greedy")
     generate.add_argument("--json", action="store_true", help="print JSON lines with text, tokens and stats")
+
+    demo = commands.add_parser("demo", help="offline demo on the bundled pair: speed, quality, token sources")
+    demo.add_argument("--num-prompts", type=int, default=16, help="held-out prompts to run (default %(default)s)")
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="(default %(default)s)")
+    demo.add_argument("--json", type=Path, help="also write the table rows to this JSON file")
+
+    sweep = commands.add_parser("sweep", help="fallback x rollback grid: CSV, quality-vs-speedup plot, best point")
+    _add_pair_arguments(sweep, thresholds=False, max_new_tokens=48)
+    sweep.add_argument("--prompts-file", type=Path,
+                       help="demo-format JSON (prompt and continuation ids) or text, one prompt per line; "
+                            "default: the bundled held-out prompts")
+    sweep.add_argument("--num-prompts", type=int, default=8, help="(default %(default)s)")
+    sweep.add_argument("--fallbacks", type=_floats, default=[0.3, 0.5, 0.7, 0.9], help="(default 0.3,0.5,0.7,0.9)")
+    sweep.add_argument("--rollbacks", type=_floats, default=[1.0, 2.0, 3.0, 5.0], help="(default 1,2,3,5)")
+    sweep.add_argument("--out", type=Path, default=Path("sweep"), help="output directory (default %(default)s)")
     return parser
 
 
@@ -81,6 +106,47 @@ def run_generate(args) -> None:
             print(f"{prompt}{text}")
 
 
+def run_demo(args) -> None:
+    from bild_jax.demo import run_demo as demo
+
+    if args.num_prompts < 1:
+        raise UsageError("--num-prompts must be >= 1")
+    rows = demo(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def _sweep_prompts(args, tokenizer) -> tuple[list[list[int]], list[str] | None]:
+    from bild_jax.demo import DEMO_PROMPTS, load_demo_prompts
+
+    path = args.prompts_file or DEMO_PROMPTS
+    if not path.is_file():
+        raise UsageError(f"no prompts file at {path}")
+    if path.suffix == ".json":
+        samples = load_demo_prompts(path, args.num_prompts)
+        return [s["prompt"] for s in samples], [tokenizer.decode(s["continuation"]) for s in samples]
+    args.prompt, args.prompts_file = None, path
+    return [tokenizer(p)["input_ids"] for p in _read_prompts(args)[:args.num_prompts]], None
+
+
+def run_sweep(args) -> None:
+    from bild_jax.sweep import MAX_ROUGE_LOSS, run_sweep as sweep
+
+    small, large, tokenizer = _load_pair(args)
+    prompts, references = _sweep_prompts(args, tokenizer)
+    result = sweep(small, large, prompts, references, tokenizer.decode, args.fallbacks, args.rollbacks,
+                   args.max_new_tokens, args.max_draft, args.out)
+    base = result["baseline"]
+    print(f"large only: ROUGE-L {base['rouge_l']:.1f}, {base['tokens_per_s']:.0f} tokens/s")
+    best = result["recommended"]
+    if best:
+        print(f"recommended: --fallback {best['fallback']} --rollback {best['rollback']}: {best['speedup']:.2f}x, "
+              f"ROUGE-L {best['rouge_l']:.1f}")
+    else:
+        print(f"no grid point is within {MAX_ROUGE_LOSS:g} ROUGE-L of large-only")
+    print(f"wrote {result['csv']} and {result['png']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -88,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        {"generate": run_generate}[args.command](args)
+        {"generate": run_generate, "demo": run_demo, "sweep": run_sweep}[args.command](args)
     except (UsageError, ValueError, OSError, NotImplementedError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"bild-jax {args.command}: error: {message}", file=sys.stderr)

@@ -19,8 +19,20 @@ _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
 def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
-    """A local directory as is; a hub id downloaded (config, safetensors, tokenizer files) and cached."""
+    """A local directory as is; `bundled:NAME` a model shipped in the package (large, small, small-aligned);
+    a hub id downloaded (config, safetensors, tokenizer files) and cached."""
+    if str(path_or_hub_id).startswith(BUNDLED_PREFIX):
+        name = str(path_or_hub_id)[len(BUNDLED_PREFIX):]
+        available = sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file()) \
+            if BUNDLED_DIR.is_dir() else []
+        if name not in available:
+            raise FileNotFoundError(f"no bundled model {name!r}; bundled: {', '.join(available) or 'none'}")
+        return BUNDLED_DIR / name
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -1,0 +1,86 @@
+"""`bild-jax demo`: large-only, small-only and BiLD on held-out prompts, one table, one coloured sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from rich.text import Text
+
+from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.evaluation import run_system, summarize
+from bild_jax.generate import greedy_generate
+from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer
+
+DEMO_PROMPTS = BUNDLED_DIR / "demo_prompts.json"
+COLUMNS = [("system", "system", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"), ("speedup", "speedup", "{:.2f}x"),
+           ("exact_match", "= large", "{:.0%}"), ("rouge_l", "ROUGE-L", "{:.1f}"),
+           ("fallback_rate", "fallback/tok", "{:.2f}"), ("rollback_rate", "rollback/tok", "{:.2f}"),
+           ("large_calls_per_token", "large calls/tok", "{:.2f}")]
+
+
+def load_demo_prompts(path: Path, count: int) -> list[dict]:
+    """The first `count` held-out samples: {"prompt": [ids], "continuation": [ids]}."""
+    samples = json.loads(Path(path).read_text())
+    if not samples:
+        raise ValueError(f"{path} holds no prompts")
+    return samples[:count]
+
+
+def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-aligned",
+             large: str = "bundled:large", prompts_file: Path = DEMO_PROMPTS, num_prompts: int = 16,
+             max_new_tokens: int = 48, console: Console | None = None) -> list[dict]:
+    """Runs every system at batch 1 on the held-out prompts, prints the table and a coloured sample, and
+    returns the table rows."""
+    console = console or Console()
+    samples = load_demo_prompts(prompts_file, num_prompts)
+    tokenizer = load_tokenizer(large)
+    models = {"large": load_model(large), "small": load_model(small)}
+    if aligned:
+        models["aligned"] = load_model(aligned)
+    prompts = [s["prompt"] for s in samples]
+    references = [tokenizer.decode(s["continuation"]) for s in samples]
+    default = BiLDConfig(max_new_tokens=max_new_tokens)
+    exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
+    best_small = models.get("aligned", models["small"])
+    systems = [
+        ("large", lambda p: greedy_generate(models["large"], p, max_new_tokens)),
+        ("small", lambda p: greedy_generate(models["small"], p, max_new_tokens)),
+        ("BiLD", lambda p: bild_generate(models["small"], models["large"], p, default)),
+    ]
+    if aligned:
+        systems.append(("BiLD aligned", lambda p: bild_generate(models["aligned"], models["large"], p, default)))
+    systems.append(("BiLD exact", lambda p: bild_generate(best_small, models["large"], p, exact)))
+    runs = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating", total=len(systems) * len(samples))
+        for name, generate in systems:
+            progress.update(task, description=f"{name} (compiling, then {len(samples)} prompts)")
+            runs.append(run_system(name, generate, prompts, on_prompt=lambda: progress.advance(task)))
+    rows = [summarize(run, runs[0], references, tokenizer.decode) for run in runs]
+    console.print(_table(rows, len(samples), max_new_tokens))
+    sample_run = runs[-2] if aligned else runs[2]
+    console.print(_coloured_sample(tokenizer, prompts[0], sample_run))
+    return rows
+
+
+def _table(rows: list[dict], num_prompts: int, max_new_tokens: int) -> Table:
+    table = Table(title=f"bild-jax demo: {num_prompts} held-out prompts, {max_new_tokens} new tokens, batch 1, greedy")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="left" if header == "system" else "right")
+    for row in rows:
+        table.add_row(*[fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS])
+    return table
+
+
+def _coloured_sample(tokenizer, prompt: list[int], run) -> Text:
+    text = Text(f"\n{run.name} sample ", style="bold")
+    text.append("small model ", style="green")
+    text.append("large model\n", style="bold red")
+    text.append(tokenizer.decode(prompt), style="dim")
+    for token, by_large in zip(run.outputs[0], run.from_large[0]):
+        text.append(tokenizer.decode([token]), style="bold red" if by_large else "green")
+    return text

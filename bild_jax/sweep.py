@@ -1,0 +1,83 @@
+"""`bild-jax sweep`: a fallback x rollback grid on a pair, quality vs speedup, and the recommended point."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+
+from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.evaluation import run_system, summarize
+from bild_jax.generate import greedy_generate
+
+MAX_ROUGE_LOSS = 1.0  # the recommended point is the fastest within this many ROUGE-L points of large-only
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows that no other row beats on both speedup and ROUGE-L."""
+    return [r for r in rows if not any(o["speedup"] >= r["speedup"] and o["rouge_l"] >= r["rouge_l"]
+                                       and (o["speedup"], o["rouge_l"]) != (r["speedup"], r["rouge_l"]) for o in rows)]
+
+
+def run_sweep(small, large, prompts: list[list[int]], references: list[str] | None, decode, fallbacks, rollbacks,
+              max_new_tokens: int, max_draft: int, out_dir: Path, console: Console | None = None) -> dict:
+    """Runs large-only greedy and BiLD at every (fallback, rollback) point, at batch 1.
+
+    Without `references` ROUGE-L is measured against the large model's own output. Writes
+    `out_dir/sweep.csv` and `out_dir/sweep.png`; returns {"rows", "baseline", "recommended", "csv", "png"}.
+    """
+    console = console or Console()
+    grid = list(itertools.product(fallbacks, rollbacks))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("large-only", total=(len(grid) + 1) * len(prompts))
+        advance = lambda: progress.advance(task)  # noqa: E731
+        baseline = run_system("large", lambda p: greedy_generate(large, p, max_new_tokens), prompts, advance)
+        references = references or [decode(o) for o in baseline.outputs]
+        runs = []
+        for fallback, rollback in grid:
+            progress.update(task, description=f"BiLD fallback={fallback} rollback={rollback}")
+            config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,
+                                max_new_tokens=max_new_tokens)
+            runs.append(((fallback, rollback), run_system(
+                "BiLD", lambda p, c=config: bild_generate(small, large, p, c), prompts, advance)))
+    base_row = summarize(baseline, baseline, references, decode)
+    rows = [{"fallback": f, "rollback": r, **summarize(run, baseline, references, decode)} for (f, r), run in runs]
+    eligible = [r for r in rows if r["rouge_l"] >= base_row["rouge_l"] - MAX_ROUGE_LOSS]
+    recommended = max(eligible, key=lambda r: r["speedup"]) if eligible else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out_dir / "sweep.csv", out_dir / "sweep.png"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(rows, base_row, recommended, png_path)
+    return {"rows": rows, "baseline": base_row, "recommended": recommended, "csv": csv_path, "png": png_path}
+
+
+def _plot(rows: list[dict], baseline: dict, recommended: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers or in CI
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    axes.scatter([r["speedup"] for r in rows], [r["rouge_l"] for r in rows], c="tab:blue", label="BiLD grid")
+    front = sorted(pareto_front(rows), key=lambda r: r["speedup"])
+    axes.plot([r["speedup"] for r in front], [r["rouge_l"] for r in front], "o-", c="tab:orange",
+              label="Pareto front")
+    axes.axhline(baseline["rouge_l"], c="gray", ls="--", label="large only")
+    axes.axhline(baseline["rouge_l"] - MAX_ROUGE_LOSS, c="gray", ls=":", label=f"-{MAX_ROUGE_LOSS:g} ROUGE-L")
+    if recommended:
+        axes.scatter([recommended["speedup"]], [recommended["rouge_l"]], s=200, facecolors="none",
+                     edgecolors="red", label=f"recommended ({recommended['fallback']}, {recommended['rollback']})")
+    for row in rows:
+        axes.annotate(f"{row['fallback']}/{row['rollback']}", (row["speedup"], row["rouge_l"]), fontsize=6)
+    axes.set_xlabel("speedup over large-only (wall clock)")
+    axes.set_ylabel("ROUGE-L")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

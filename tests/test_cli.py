@@ -1,0 +1,98 @@
+"""The `bild-jax` command end to end on the bundled pair: demo, generate, sweep, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import bild_jax
+from bild_jax import cli
+from bild_jax.hub import BUNDLED_DIR
+
+pytestmark = pytest.mark.skipif(not (BUNDLED_DIR / "large").is_dir(), reason="the bundled pair is not built")
+SHORT = ["--max-new-tokens", "8"]
+
+
+def test_version_and_help():
+    result = subprocess.run([sys.executable, "-m", "bild_jax.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"bild-jax {bild_jax.__version__}"
+    result = subprocess.run([sys.executable, "-m", "bild_jax.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("generate", "demo", "sweep"):
+        assert command in result.stdout
+
+
+def test_demo_prints_the_table_and_writes_rows(tmp_path, capsys):
+    rows_file = tmp_path / "rows.json"
+    assert cli.main(["demo", "--num-prompts", "2", *SHORT, "--json", str(rows_file)]) == 0
+    printed = capsys.readouterr().out
+    for header in ("tokens/s", "speedup", "= large", "ROUGE-L", "fallback/tok", "rollback/tok", "large calls/tok"):
+        assert header in printed
+    assert "small model" in printed and "large model" in printed
+    rows = json.loads(rows_file.read_text())
+    assert [r["system"] for r in rows] == ["large", "small", "BiLD", "BiLD aligned", "BiLD exact"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["exact_match"] == 1.0
+    assert rows[-1]["exact_match"] == 1.0  # exact mode reproduces the large model
+    for row in rows[2:]:
+        assert 0 <= row["fallback_rate"] <= 1 and row["large_calls_per_token"] > 0
+
+
+def test_generate_json_has_text_tokens_and_stats(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n\ndef main(argv):\n")
+    assert cli.main(["generate", "--prompts-file", str(prompts), *SHORT, "--exact", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["import os", "def main(argv):"]
+    large = bild_jax.load_model("bundled:large")
+    tokenizer = bild_jax.load_tokenizer("bundled:large")
+    for line in lines:
+        stats = line["stats"]
+        assert stats["small_tokens"] + stats["large_tokens"] == len(line["tokens"])
+        expected = bild_jax.greedy_generate(large, [tokenizer(line["prompt"])["input_ids"]], max_new_tokens=8)
+        assert line["tokens"] == [int(t) for t in expected.tokens[0, :int(expected.lengths[0])]]
+        assert line["text"] == tokenizer.decode(line["tokens"], skip_special_tokens=True)
+
+
+def test_sweep_writes_csv_png_and_recommends(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--num-prompts", "2", *SHORT, "--fallbacks", "0.5,0.9", "--rollbacks", "2,inf",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "large only: ROUGE-L" in printed and f"wrote {out / 'sweep.csv'}" in printed
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert lines[0].startswith("fallback,rollback,system,tokens_per_s,speedup,exact_match,rouge_l")
+    assert len(lines) == 1 + 4
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--small", "/no/such/model", "--prompt", "x"], "no model directory at /no/such/model"),
+    (["generate", "--prompt", "x", "--fallback", "2"], "fallback_threshold must be in [0, 1]"),
+    (["generate", "--prompt", "x", "--max-draft", "0"], "max_draft must be an int >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(argv, message):
+    result = subprocess.run([sys.executable, "-m", "bild_jax.cli", *argv], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_empty_prompts_file_and_mismatched_tokenizers(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    result = subprocess.run([sys.executable, "-m", "bild_jax.cli", "generate", "--prompts-file", str(empty)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "holds no prompts" in result.stderr
+    other = tmp_path / "other-small"
+    shutil.copytree(BUNDLED_DIR / "small", other)
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    merges = vocab["model"]["vocab"]
+    first, second = list(merges)[300:302]
+    merges[first], merges[second] = merges[second], merges[first]
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    result = subprocess.run([sys.executable, "-m", "bild_jax.cli", "generate", "--small", str(other), "--prompt", "x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "tokenizers of" in result.stderr and "differ" in result.stderr

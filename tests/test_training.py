@@ -1,0 +1,75 @@
+"""The bundled pair's recipe on a tiny config: tokenizer, training with resume, alignment, HF export."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bild_jax
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+import align  # noqa: E402
+import train_pair  # noqa: E402
+
+FILES = ["--limit-files", "12"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pair")
+    train_pair.main(["tokenizer", "--out", str(out), "--vocab-size", "300", *FILES])
+    return out
+
+
+def _train(out: Path, name: str, steps: int, capsys) -> str:
+    train_pair.main(["train", "--size", "tiny", "--name", name, "--steps", str(steps), "--vocab-size", "300",
+                     "--out", str(out), *FILES])
+    return capsys.readouterr().out
+
+
+def test_training_lowers_the_loss_and_resumes(run_dir, capsys):
+    first = _train(run_dir, "large", 12, capsys)
+    assert "resumed" not in first
+    before = json.loads((run_dir / "large" / "history.json").read_text())
+    resumed = _train(run_dir, "large", 24, capsys)
+    assert "resumed from step 12" in resumed
+    after = json.loads((run_dir / "large" / "history.json").read_text())
+    assert [step for step, _ in before] == [10, 12]
+    assert [step for step, _ in after] == [20, 24]  # only the steps after the resume point ran
+    assert after[-1][1] < before[0][1] < np.log(300) + 0.5  # from about a uniform guess, going down
+
+
+def test_exported_model_loads_in_transformers_with_the_same_logits(run_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = run_dir / "large" / "hf"
+    if not directory.is_dir():
+        _train(run_dir, "large", 12, capsys)
+    model = bild_jax.load_model(directory)
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    ids = tokenizer("def main():\n    return 1\n")["input_ids"]
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(bild_jax.forward_logits(model, [ids])), ref, atol=1e-4, rtol=0)
+
+
+def test_alignment_fine_tunes_the_small_model_on_large_outputs(run_dir, capsys):
+    for name in ("small", "large"):
+        if not (run_dir / name / "hf").is_dir():
+            _train(run_dir, name, 12, capsys)
+    align.main(["--out", str(run_dir), "--prompts", "8", "--steps", "10", "--batch-size", "4", *FILES])
+    data = np.load(run_dir / "small-aligned" / "distillation.npy")
+    assert data.shape == (8, align.PROMPT_TOKENS + align.CONTINUATION_TOKENS)
+    large = bild_jax.load_model(run_dir / "large" / "hf")
+    expected = bild_jax.greedy_generate(large, data[:2, :align.PROMPT_TOKENS], max_new_tokens=align.CONTINUATION_TOKENS,
+                                        eos_token_id=[])
+    np.testing.assert_array_equal(data[:2, align.PROMPT_TOKENS:], np.asarray(expected.tokens))
+    history = json.loads((run_dir / "small-aligned" / "history.json").read_text())
+    assert history[-1][0] == 10
+    assert bild_jax.load_model(run_dir / "small-aligned" / "hf").vocab_size == 300
