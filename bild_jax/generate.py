@@ -1,4 +1,5 @@
-"""Baseline greedy decoding: one jitted program, one `lax.while_loop`, one token per step."""
+"""Baseline decoding with one model, greedy or sampled: one jitted program, one `lax.while_loop`, one token
+per step."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from jax import lax
 from bild_jax.model import Model
 from bild_jax.prompts import (check_positions, decoder_capacity, eos_array, is_eos, prefill,
                               prepare_prompts)
+from bild_jax.sampling import TOKEN, SamplingParams, check_rng, position_keys, process_logits, row_keys, sample
+from bild_jax.sharding import distribute
 
 
 @struct.dataclass
@@ -22,29 +25,37 @@ class GenerateOutput:
 
 
 @struct.dataclass
-class GreedyState:
+class GenerateState:
     cache: Any             # the model's cache, holding every position fed so far
-    next_token: jax.Array  # [B] int32 argmax of the latest logits, not yet written
+    next_token: jax.Array  # [B] int32 drawn from the latest logits (argmax when greedy), not yet written
     tokens: jax.Array      # [B, N] int32 output buffer
     lengths: jax.Array     # [B] int32 tokens written per row
     done: jax.Array        # [B] bool row has emitted EOS or is full
     step: jax.Array        # [] int32
 
 
-def greedy_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, eos_ids: jax.Array,
-                  max_new_tokens: int, pad_token_id: int = 0) -> GenerateOutput:
-    """Pure greedy decoding, for use inside the caller's own `jax.jit`.
+def sample_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, eos_ids: jax.Array,
+                  params: SamplingParams, rng: jax.Array | None, max_new_tokens: int,
+                  pad_token_id: int = 0) -> GenerateOutput:
+    """Pure decoding, sampled or greedy (temperature 0), for use inside the caller's own `jax.jit`.
 
-    prompts [B, T] int32 right-padded, prompt_lengths [B] int32, eos_ids [E] int32 (E may be 0).
+    prompts [B, T] int32 right-padded, prompt_lengths [B] int32, eos_ids [E] int32 (E may be 0); `rng` one
+    PRNG key or [B] keys (`sampling.row_keys`), None only when greedy. Token t of row b is drawn with
+    `position_keys(row_keys[b], t, TOKEN)`, the key BiLD's large model uses for a token it writes there.
     """
     batch = prompts.shape[0]
     capacity = decoder_capacity(model, prompts.shape[1], max_new_tokens)
     first_logits, cache = prefill(model, prompts, prompt_lengths, capacity)
+    keys = row_keys(rng, batch)
 
-    def cond(state: GreedyState):
+    def draw(logits: jax.Array, position: jax.Array) -> jax.Array:
+        positions = jnp.full((batch,), position, jnp.int32)
+        return sample(keys, positions, TOKEN, process_logits(logits, params), params)
+
+    def cond(state: GenerateState):
         return (state.step < max_new_tokens) & ~state.done.all()
 
-    def body(state: GreedyState) -> GreedyState:
+    def body(state: GenerateState) -> GenerateState:
         token = state.next_token
         live = ~state.done
         tokens = state.tokens.at[:, state.step].set(jnp.where(live, token, pad_token_id))
@@ -53,12 +64,12 @@ def greedy_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, e
         logits, cache = model.decode(token[:, None], state.cache)
         # Finished rows keep their cursor so that they never write past their own slots.
         cache = cache.with_lengths(jnp.where(live, cache.lengths, state.cache.lengths))
-        return GreedyState(cache=cache, next_token=jnp.argmax(logits[:, 0], -1).astype(jnp.int32),
-                           tokens=tokens, lengths=lengths, done=done, step=state.step + 1)
+        return GenerateState(cache=cache, next_token=draw(logits[:, 0], state.step + 1),
+                             tokens=tokens, lengths=lengths, done=done, step=state.step + 1)
 
-    state = GreedyState(
+    state = GenerateState(
         cache=cache,
-        next_token=jnp.argmax(first_logits, -1).astype(jnp.int32),
+        next_token=draw(first_logits, 0),
         tokens=jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
         done=jnp.zeros((batch,), bool),
@@ -68,23 +79,62 @@ def greedy_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, e
     return GenerateOutput(tokens=state.tokens, lengths=state.lengths)
 
 
+def greedy_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, eos_ids: jax.Array,
+                  max_new_tokens: int, pad_token_id: int = 0) -> GenerateOutput:
+    """Pure greedy decoding, for use inside the caller's own `jax.jit`: `sample_decode` at temperature 0.
+
+    prompts [B, T] int32 right-padded, prompt_lengths [B] int32, eos_ids [E] int32 (E may be 0).
+    """
+    return sample_decode(model, prompts, prompt_lengths, eos_ids, SamplingParams.create(), None,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+
+
 _greedy_decode_jit = jax.jit(greedy_decode, static_argnames=("max_new_tokens", "pad_token_id"))
+_sample_decode_jit = jax.jit(sample_decode, static_argnames=("max_new_tokens", "pad_token_id"))
 
 
 def greedy_generate(model: Model, input_ids, max_new_tokens: int, attention_mask=None,
-                    eos_token_id: int | Sequence[int] | None = None) -> GenerateOutput:
+                    eos_token_id: int | Sequence[int] | None = None, mesh=None) -> GenerateOutput:
     """Greedy decoding of a batch of prompts (ragged lists, or [B, T] ids with an attention_mask).
 
     For encoder-decoder models `input_ids` feed the encoder. `eos_token_id=None` uses the model config's
-    EOS ids; `[]` never stops early. Returns tokens [B, max_new_tokens] int32 and lengths [B] int32.
+    EOS ids; `[]` never stops early. `mesh` (a jax.sharding.Mesh or {"data": 2, "model": 4}) shards the
+    model and the batch over devices (see `bild_jax.sharding`); a model from `shard_params` needs none.
+    Returns tokens [B, max_new_tokens] int32 and lengths [B] int32.
     """
+    model, prompts, prompt_lengths = _prepare(model, input_ids, max_new_tokens, attention_mask, mesh)
+    return _greedy_decode_jit(model, prompts, prompt_lengths,
+                              eos_array(model, eos_token_id), max_new_tokens=max_new_tokens,
+                              pad_token_id=output_pad_id(model))
+
+
+def sample_generate(model: Model, input_ids, max_new_tokens: int, rng: jax.Array, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, attention_mask=None,
+                    eos_token_id: int | Sequence[int] | None = None, mesh=None) -> GenerateOutput:
+    """Sampling from one model, for a batch of prompts: `greedy_generate` with a random draw per token.
+
+    `rng`: one PRNG key (row b draws from `fold_in(rng, b)`, so a row's tokens do not depend on its batch)
+    or [B] keys, one per row. Each token is drawn from softmax(logits / temperature) restricted to the
+    top_k most likely tokens (0 = all), then to the top_p nucleus (1 = all). The settings are traced: new
+    values reuse the compiled program. temperature 0 is greedy decoding. Other arguments as in
+    `greedy_generate`; returns tokens [B, max_new_tokens] int32 and lengths [B] int32.
+    """
+    params = SamplingParams.create(temperature, top_k, top_p)
+    check_rng(rng, temperature)
+    model, prompts, prompt_lengths = _prepare(model, input_ids, max_new_tokens, attention_mask, mesh)
+    keys = row_keys(rng, len(prompts))
+    return _sample_decode_jit(model, prompts, prompt_lengths, eos_array(model, eos_token_id), params, keys,
+                              max_new_tokens=max_new_tokens, pad_token_id=output_pad_id(model))
+
+
+def _prepare(model: Model, input_ids, max_new_tokens: int, attention_mask, mesh):
+    """Checked input of greedy/sample_generate: (model, prompts [B, T], prompt_lengths [B]), on the mesh."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     prompts, prompt_lengths = prepare_prompts(input_ids, attention_mask, model.vocab_size)
     check_positions(model, int(prompt_lengths.max()), max_new_tokens)
-    return _greedy_decode_jit(model, jnp.asarray(prompts), jnp.asarray(prompt_lengths),
-                              eos_array(model, eos_token_id), max_new_tokens=max_new_tokens,
-                              pad_token_id=output_pad_id(model))
+    (model,), (prompts, prompt_lengths) = distribute(mesh, (model,), (prompts, prompt_lengths))
+    return model, prompts, prompt_lengths
 
 
 def output_pad_id(model: Model) -> int:

@@ -17,6 +17,9 @@ class Model:
 
     config: Any = struct.field(pytree_node=False)  # a family config: frozen, hashable dataclass
     params: Any                                    # nested dict of arrays
+    # A `bild_jax.sharding.ModelSharding` once `shard_params` placed the params on a mesh: it also lays
+    # out the caches this model creates. Static, so a sharded model compiles its own program.
+    sharding: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def family(self) -> ModelFamily:
@@ -45,7 +48,7 @@ class Model:
         cache = self.family.init_cache(self.config, batch, capacity, self.dtype)
         if self.is_encoder_decoder:
             cache = self.family.encode_into_cache(self.module, self.params, encoder_input_ids, encoder_mask, cache)
-        return cache
+        return cache if self.sharding is None else self.sharding.constrain_cache(cache)
 
     def decode(self, tokens: jax.Array, cache) -> tuple[jax.Array, Any]:
         """The one cached forward: tokens [B, K] int32 written at `cache.lengths` -> logits [B, K, V] float32

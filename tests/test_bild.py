@@ -47,14 +47,15 @@ def test_exact_mode_equals_large_greedy(bild_pair, kind, max_draft):
     greedy = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=[])
     eos = _eos_from(np.asarray(greedy.tokens))
     for eos_ids in ([], eos):
-        config = BiLDConfig(max_new_tokens=N, max_draft=max_draft, exact=True, eos_token_id=eos_ids)
+        config = BiLDConfig(max_new_tokens=N, max_draft=max_draft, fallback_threshold=0.3, exact=True,
+                            eos_token_id=eos_ids)
         out = bild_generate(small, large, prompts, config)
         expected = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=eos_ids)
         np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(expected.lengths))
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
         _check_invariants(out, config, bild_jax.generate.output_pad_id(large))
-    if kind != "mixed":  # a perturbed copy agrees often enough for drafts to be kept
-        assert int(np.asarray(out.stats.small_tokens).sum()) > 0
+        if kind != "mixed" and not eos_ids:  # a perturbed copy agrees often enough for drafts to be kept
+            assert int(np.asarray(out.stats.small_tokens).sum()) > 0
 
 
 def test_batched_run_equals_each_row_alone(bild_pair):

@@ -1,0 +1,154 @@
+"""Sharded decoding on 8 host CPU devices equals single-device decoding; meshes, rules and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bild_jax import sharding
+
+MESHES = ("8x1", "1x8", "2x4", "4x2")
+
+
+@pytest.fixture(scope="module")
+def summary(bild_pair, tmp_path_factory):
+    """The merged JSON summaries of tests/sharding_check.py with 8 host devices, one process per pair (XLA
+    compiles on one core, so two processes halve the time on two)."""
+    pairs = {kind: tuple(model.replace(params=jax.tree_util.tree_map(np.asarray, model.params))
+                         for model in bild_pair(kind)) for kind in ("llama", "t5", "mixed")}
+    pairs_file = tmp_path_factory.mktemp("sharding") / "pairs.pkl"
+    pairs_file.write_bytes(pickle.dumps(pairs))
+    # XLA compilation is nearly all of the run time; the optimisation flags halve it and touch neither the
+    # partitioning nor the comparison (both sides are compiled alike).
+    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    script = str(Path(__file__).with_name("sharding_check.py"))
+    runs = [subprocess.Popen([sys.executable, script, str(pairs_file), *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for args in (["t5"], ["llama", "--extras"])]
+    summary = {}
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-4000:]
+        summary.update(json.loads(stdout.strip().splitlines()[-1]))
+    return summary
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_output_equals_single_device(summary, kind, mesh):
+    assert summary["devices"] == 8
+    result = summary[kind][mesh]
+    assert result["greedy_equal"], result
+    assert result["bild_equal"], result
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_reference_bild_run_uses_both_models(summary, kind):
+    """Equality only means something if the BiLD runs draft, fall back and roll back."""
+    stats = summary[kind]["reference_stats"]
+    assert stats["small_tokens"] > 0 and stats["large_calls"] > 8 and stats["rollbacks"] > 0, stats
+
+
+def test_params_and_caches_are_split_as_the_rules_say(summary):
+    llama, t5 = summary["llama"], summary["t5"]
+    # 4 heads and 2 kv heads over 4-way model axis: q split, k/v (and the cache's heads) replicated.
+    assert llama["2x4"]["params"] == {"heads": [None, "model"], "kv_heads": [None, None], "mlp": ["model", None]}
+    assert llama["2x4"]["cache_keys"] == ["data", None, None, None]
+    assert llama["4x2"]["params"]["kv_heads"] == [None, "model"]
+    assert llama["4x2"]["cache_keys"] == ["data", None, "model", None]
+    assert llama["8x1"]["params"]["heads"] == [None, None]
+    assert llama["8x1"]["cache_keys"] == ["data", None, None, None]
+    assert t5["2x4"]["params"] == {"heads": ["model", None], "mlp": [None, "model"]}
+
+
+def test_non_divisible_model_axis_falls_back_with_a_warning_or_raises_when_strict(summary):
+    warned = " ".join(summary["llama"]["1x8"]["warnings"])
+    assert "does not divide the 4 attention heads" in warned and "replicated" in warned
+    assert "does not divide the 2 key/value heads" in warned
+    assert summary["llama"]["1x8"]["params"]["mlp"] == ["model", None]  # 64 hidden units do split 8 ways
+    assert not summary["llama"]["4x2"]["warnings"]
+    assert "does not divide the 4 attention heads" in summary["strict_error"]
+
+
+def test_models_with_different_rules_decode_together(summary):
+    assert summary["mixed_rules_equal"]
+
+
+def test_gpt2_small_model_sharded_equals_single_device(summary):
+    assert summary["gpt2_small_equal"]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "gpt2", "t5-v1.0", "t5-v1.1"])
+def test_rules_name_parameters_of_each_family(name):
+    """With every logical axis split: which parameters each family's rules match, and at which dimension."""
+    import transformers
+    from flax import traverse_util
+
+    from bild_jax.model import Model, param_shapes
+    from bild_jax.models import family_for
+    from tiny_models import TINY_CONFIGS
+
+    config_class, _, kwargs = TINY_CONFIGS[name]
+    hf = getattr(transformers, config_class)(**kwargs).to_dict()
+    family = family_for(hf["model_type"])
+    config = family.config_class.from_hf(hf)
+    params = traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, np.float32)
+                                           for path, shape in param_shapes(family, config).items()})
+    specs = sharding._param_specs(Model(config=config, params=params),
+                                  {"heads": "model", "kv_heads": "model", "mlp": "model"})
+    split = {"/".join(path): tuple(spec) for path, spec in traverse_util.flatten_dict(
+        specs, is_leaf=lambda _, x: isinstance(x, jax.sharding.PartitionSpec)).items() if any(spec)}
+    layer = {"llama-gqa": "layers_0/", "qwen2-bias": "layers_0/", "gpt2": "h_0/",
+             "t5-v1.0": "decoder/block_0/", "t5-v1.1": "decoder/block_0/"}[name]
+    expected = {
+        "llama-gqa": {"self_attn/q_proj/kernel": (None, "model"), "self_attn/k_proj/kernel": (None, "model"),
+                      "self_attn/v_proj/kernel": (None, "model"), "self_attn/o_proj/kernel": ("model", None),
+                      "mlp/gate_proj/kernel": (None, "model"), "mlp/up_proj/kernel": (None, "model"),
+                      "mlp/down_proj/kernel": ("model", None)},
+        "gpt2": {"attn/c_proj/kernel": ("model", None), "mlp/c_fc/kernel": (None, "model"),
+                 "mlp/c_fc/bias": ("model",), "mlp/c_proj/kernel": ("model", None)},
+        "t5-v1.0": {f"layer_{i}/{a}/{p}/kernel": spec for i, a in ((0, "SelfAttention"), (1, "EncDecAttention"))
+                    for p, spec in (("q", (None, "model")), ("k", (None, "model")), ("v", (None, "model")),
+                                    ("o", ("model", None)))}
+                   | {"layer_0/SelfAttention/relative_attention_bias/embedding": (None, "model"),
+                      "layer_2/DenseReluDense/wi/kernel": (None, "model"),
+                      "layer_2/DenseReluDense/wo/kernel": ("model", None)},
+    }
+    expected["qwen2-bias"] = expected["llama-gqa"] | {f"self_attn/{p}_proj/bias": ("model",) for p in "qkv"}
+    expected["t5-v1.1"] = {k: v for k, v in expected["t5-v1.0"].items() if "/wi/" not in k} | {
+        "layer_2/DenseReluDense/wi_0/kernel": (None, "model"), "layer_2/DenseReluDense/wi_1/kernel": (None, "model")}
+    assert {k.removeprefix(layer): v for k, v in split.items() if k.startswith(layer)} == expected[name]
+    replicated = ("embed_tokens/", "wte/", "wpe/", "shared/", "lm_head/", "norm", "ln_", "c_attn/")
+    assert not [k for k in split if any(part in k for part in replicated)]
+
+
+def test_make_mesh_errors():
+    with pytest.raises(ValueError, match="needs 8 devices but 1 are given"):
+        sharding.make_mesh({"data": 2, "model": 4})
+    with pytest.raises(ValueError, match="int sizes"):
+        sharding.make_mesh({"data": 0})
+    with pytest.raises(TypeError, match="jax.sharding.Mesh or a dict"):
+        sharding.make_mesh((2, 4))
+
+
+def test_one_device_mesh_changes_nothing(bild_pair):
+    import bild_jax
+
+    small, large = bild_pair("llama")
+    prompts = [[5, 6, 7], [8, 9]]
+    mesh = {"data": 1, "model": 1}
+    np.testing.assert_array_equal(
+        np.asarray(bild_jax.greedy_generate(large, prompts, 4, eos_token_id=[], mesh=mesh).tokens),
+        np.asarray(bild_jax.greedy_generate(large, prompts, 4, eos_token_id=[]).tokens))
+    with pytest.raises(ValueError, match="another mesh"):
+        other = sharding.make_mesh({"model": 1})
+        bild_jax.bild_generate(sharding.shard_params(small, other), large, prompts, mesh=mesh)
