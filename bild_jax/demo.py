@@ -35,7 +35,7 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
              max_new_tokens: int = 48, console: Console | None = None) -> list[dict]:
     """Runs every system at batch 1 on the held-out prompts, prints the table and a coloured sample, and
     returns the table rows."""
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 120))  # the table needs ~110 columns
     samples = load_demo_prompts(prompts_file, num_prompts)
     tokenizer = load_tokenizer(large)
     models = {"large": load_model(large), "small": load_model(small)}

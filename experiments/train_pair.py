@@ -4,7 +4,7 @@ Steps (each resumable; run from the repository root):
 
     python experiments/train_pair.py tokenizer --out runs/pair
     python experiments/train_pair.py train --size small --out runs/pair
-    python experiments/train_pair.py train --size large --out runs/pair      # about 55 min on 2 CPU cores
+    python experiments/train_pair.py train --size large --out runs/pair      # about 35 min on 2 idle CPU cores
     python experiments/align.py --out runs/pair                              # the aligned small model
     python experiments/train_pair.py bundle --out runs/pair                  # copy into bild_jax/bundled/
 
@@ -46,7 +46,7 @@ SIZES = {
 }
 SCHEDULES = {  # steps, batch size, peak learning rate
     "small": (2000, 16, 3e-3),
-    "large": (1500, 16, 1.5e-3),
+    "large": (900, 16, 1.5e-3),
     "tiny": (30, 4, 3e-3),
 }
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bild_jax" / "bundled"
