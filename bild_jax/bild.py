@@ -21,7 +21,6 @@ by speculative rejection sampling, which keeps the large model's distribution.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Sequence
 
@@ -199,7 +198,8 @@ def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: 
     small_base = jnp.ones_like(prompt_lengths) if small.is_encoder_decoder else prompt_lengths
     large_base = jnp.ones_like(prompt_lengths) if large.is_encoder_decoder else prompt_lengths
     _, small_cache = prefill(small, prompts, prompt_lengths, decoder_capacity(small, width, n + 2))
-    large_logits, large_cache = prefill(large, prompts, prompt_lengths, decoder_capacity(large, width, n + verify_width))
+    large_capacity = decoder_capacity(large, width, n + verify_width)
+    large_logits, large_cache = prefill(large, prompts, prompt_lengths, large_capacity)
     keys = row_keys(rng, batch)
     speculative = policy.exact & policy.sampling.sampled  # exact sampling: speculative rejection
 

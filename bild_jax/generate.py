@@ -3,7 +3,6 @@ per step."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -14,7 +13,7 @@ from jax import lax
 from bild_jax.model import Model
 from bild_jax.prompts import (check_positions, decoder_capacity, eos_array, is_eos, prefill,
                               prepare_prompts)
-from bild_jax.sampling import TOKEN, SamplingParams, check_rng, position_keys, process_logits, row_keys, sample
+from bild_jax.sampling import TOKEN, SamplingParams, check_rng, process_logits, row_keys, sample
 from bild_jax.sharding import distribute
 
 

@@ -84,7 +84,8 @@ def test_corrupt_safetensors_is_reported(llama_dir):
 
 def test_unknown_model_type_lists_supported_ones(llama_dir):
     _edit_config(llama_dir, model_type="bert")
-    with pytest.raises(ValueError, match="unsupported model_type 'bert'; supported: gpt2, llama, mistral, mt5, qwen2, t5"):
+    supported = "gpt2, llama, mistral, mt5, qwen2, t5"
+    with pytest.raises(ValueError, match=f"unsupported model_type 'bert'; supported: {supported}"):
         bild_jax.load_model(llama_dir)
 
 
