@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+
 import bild_jax
 
 
@@ -48,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (batched)")
     generate.add_argument("--exact", action="store_true", help="lossless: output equals the large model's greedy")
     generate.add_argument("--json", action="store_true", help="print JSON lines with text, tokens and stats")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens, 0 = all")
+    generate.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p nucleus, 1 = all")
+    generate.add_argument("--seed", type=int, default=0, help="PRNG seed when sampling (default %(default)s)")
 
     demo = commands.add_parser("demo", help="offline demo on the bundled pair: speed, quality, token sources")
     demo.add_argument("--num-prompts", type=int, default=16, help="held-out prompts to run (default %(default)s)")
@@ -92,9 +98,10 @@ def run_generate(args) -> None:
     prompts = _read_prompts(args)
     small, large, tokenizer = _load_pair(args)
     config = bild_jax.BiLDConfig(fallback_threshold=args.fallback, rollback_threshold=args.rollback,
-                                 max_draft=args.max_draft, max_new_tokens=args.max_new_tokens, exact=args.exact)
+                                 max_draft=args.max_draft, max_new_tokens=args.max_new_tokens, exact=args.exact,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    out = bild_jax.bild_generate(small, large, ids, config)
+    out = bild_jax.bild_generate(small, large, ids, config, rng=jax.random.key(args.seed))
     for row, prompt in enumerate(prompts):
         n = int(out.lengths[row])
         tokens = [int(t) for t in out.tokens[row, :n]]

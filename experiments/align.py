@@ -11,7 +11,6 @@ Fine-tuning checkpoints go to `--out/small-aligned/checkpoints` and an interrupt
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def main(argv=None) -> None:
     params, history = train_pair.train(LlamaForCausalLM(small.config), small.params, data, args.steps,
                                        args.batch_size, args.lr, target / "checkpoints", description="align")
     train_pair.save_hf(small.config, params, target / "hf", args.out / "tokenizer")
-    (target / "history.json").write_text(json.dumps(history))
+    train_pair.write_history(target / "history.json", history)
 
 
 if __name__ == "__main__":

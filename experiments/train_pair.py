@@ -188,6 +188,13 @@ def corpus_chunks(tokenizer_dir: Path, limit_files: int | None = None) -> np.nda
     return np.stack([stream[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1] for i in range(n)])
 
 
+def write_history(path: Path, history: list[tuple[int, float]]) -> None:
+    """Writes (step, loss) pairs, keeping the earlier runs' entries before this run's first step (resumes)."""
+    first = history[0][0] if history else float("inf")
+    earlier = [entry for entry in json.loads(path.read_text()) if entry[0] < first] if path.is_file() else []
+    path.write_text(json.dumps(earlier + [list(entry) for entry in history]))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["tokenizer", "train", "bundle"])
@@ -215,7 +222,7 @@ def main(argv=None) -> None:
         params, history = train(LlamaForCausalLM(config), init_params(config, seed=0), chunks, steps, batch_size,
                                 peak_lr, run_dir / "checkpoints", description=args.size)
         save_hf(config, params, run_dir / "hf", tokenizer_dir)
-        (run_dir / "history.json").write_text(json.dumps(history))
+        write_history(run_dir / "history.json", history)
     else:
         BUNDLE_DIR.mkdir(exist_ok=True)
         for name in ("large", "small", "small-aligned"):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import bild_jax
@@ -57,6 +58,23 @@ def test_generate_json_has_text_tokens_and_stats(tmp_path, capsys):
         assert line["text"] == tokenizer.decode(line["tokens"], skip_special_tokens=True)
 
 
+def test_generate_samples_with_the_given_settings_and_seed(capsys):
+    tokenizer = bild_jax.load_tokenizer("bundled:large")
+    small, large = bild_jax.load_model("bundled:small"), bild_jax.load_model("bundled:large")
+    ids = [tokenizer("class Parser:")["input_ids"]]
+
+    def cli_tokens(*flags):
+        assert cli.main(["generate", "--prompt", "class Parser:", *SHORT, "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["tokens"]
+
+    config = bild_jax.BiLDConfig(max_new_tokens=8, temperature=0.8, top_p=0.9)
+    expected = bild_jax.bild_generate(small, large, ids, config, rng=jax.random.key(7))
+    assert cli_tokens("--temperature", "0.8", "--top-p", "0.9", "--seed", "7") == \
+        [int(t) for t in expected.tokens[0, :int(expected.lengths[0])]]
+    # Sampling among the top 1 token is greedy decoding, whatever the temperature and seed.
+    assert cli_tokens("--temperature", "5", "--top-k", "1", "--seed", "1") == cli_tokens()
+
+
 def test_sweep_writes_csv_png_and_recommends(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert cli.main(["sweep", "--num-prompts", "2", *SHORT, "--fallbacks", "0.5,0.9", "--rollbacks", "2,inf",
@@ -73,6 +91,8 @@ def test_sweep_writes_csv_png_and_recommends(tmp_path, capsys):
     (["generate", "--small", "/no/such/model", "--prompt", "x"], "no model directory at /no/such/model"),
     (["generate", "--prompt", "x", "--fallback", "2"], "fallback_threshold must be in [0, 1]"),
     (["generate", "--prompt", "x", "--max-draft", "0"], "max_draft must be an int >= 1"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["generate", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message):
     result = subprocess.run([sys.executable, "-m", "bild_jax.cli", *argv], capture_output=True, text=True)

@@ -40,7 +40,9 @@ def test_training_lowers_the_loss_and_resumes(run_dir, capsys):
     assert "resumed from step 12" in resumed
     after = json.loads((run_dir / "large" / "history.json").read_text())
     assert [step for step, _ in before] == [10, 12]
-    assert [step for step, _ in after] == [20, 24]  # only the steps after the resume point ran
+    # The resumed run logs only the steps after its resume point, appended to the first run's log.
+    assert [step for step, _ in after] == [10, 12, 20, 24]
+    assert after[:2] == before
     assert after[-1][1] < before[0][1] < np.log(300) + 0.5  # from about a uniform guess, going down
 
 
