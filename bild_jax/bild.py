@@ -373,7 +373,9 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
     for model in (small, large):
         check_positions(model, int(prompt_lengths.max()), config.max_new_tokens)
     policy = BiLDPolicy.from_config(config, eos_array(large, config.eos_token_id))
-    keys = row_keys(rng, len(prompts))
+    # Checked here, before any compute; greedy runs (rng None) get their fixed key inside the jit, saving
+    # an eager dispatch per call.
+    keys = None if rng is None else row_keys(rng, len(prompts))
     (large, small), (prompts, prompt_lengths) = distribute(mesh, (large, small), (prompts, prompt_lengths))
     return _bild_decode_jit(small, large, prompts, prompt_lengths, policy,
                             max_new_tokens=config.max_new_tokens, max_draft=config.max_draft,
