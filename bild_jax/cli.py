@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="PRNG seed when sampling (default %(default)s)")
 
     demo = commands.add_parser("demo", help="offline demo on the bundled pair: speed, quality, token sources")
-    demo.add_argument("--num-prompts", type=int, default=16, help="held-out prompts to run (default %(default)s)")
+    demo.add_argument("--num-prompts", type=int, default=64,
+                      help="held-out prompts to run, at most the 64 bundled (default %(default)s)")
     demo.add_argument("--max-new-tokens", type=int, default=48, help="(default %(default)s)")
     demo.add_argument("--json", type=Path, help="also write the table rows to this JSON file")
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--prompts-file", type=Path,
                        help="demo-format JSON (prompt and continuation ids) or text, one prompt per line; "
                             "default: the bundled held-out prompts")
-    sweep.add_argument("--num-prompts", type=int, default=8, help="(default %(default)s)")
+    sweep.add_argument("--num-prompts", type=int, default=32, help="(default %(default)s)")
     sweep.add_argument("--fallbacks", type=_floats, default=[0.3, 0.5, 0.7, 0.9], help="(default 0.3,0.5,0.7,0.9)")
     sweep.add_argument("--rollbacks", type=_floats, default=[1.0, 2.0, 3.0, 5.0], help="(default 1,2,3,5)")
     sweep.add_argument("--out", type=Path, default=Path("sweep"), help="output directory (default %(default)s)")

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bild_jax.bild import BiLDConfig, bild_generate
-from bild_jax.evaluation import run_system, summarize
+from bild_jax.evaluation import run_systems, summarize
 from bild_jax.generate import greedy_generate
 from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer
 
@@ -31,7 +31,7 @@ def load_demo_prompts(path: Path, count: int) -> list[dict]:
 
 
 def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-aligned",
-             large: str = "bundled:large", prompts_file: Path = DEMO_PROMPTS, num_prompts: int = 16,
+             large: str = "bundled:large", prompts_file: Path = DEMO_PROMPTS, num_prompts: int = 64,
              max_new_tokens: int = 48, console: Console | None = None) -> list[dict]:
     """Runs every system at batch 1 on the held-out prompts, prints the table and a coloured sample, and
     returns the table rows."""
@@ -54,12 +54,15 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     if aligned:
         systems.append(("BiLD aligned", lambda p: bild_generate(models["aligned"], models["large"], p, default)))
     systems.append(("BiLD exact", lambda p: bild_generate(best_small, models["large"], p, exact)))
-    runs = []
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("generating", total=len(systems) * len(samples))
-        for name, generate in systems:
-            progress.update(task, description=f"{name} (compiling, then {len(samples)} prompts)")
-            runs.append(run_system(name, generate, prompts, on_prompt=lambda: progress.advance(task)))
+        task = progress.add_task("compiling", total=len(systems) * (len(samples) + 1))
+
+        def advance(name: str) -> None:
+            done = progress.tasks[0].completed + 1
+            progress.update(task, advance=1, description="compiling" if done < len(systems) else
+                            f"{len(systems)} systems taking turns on {len(samples)} prompts")
+
+        runs = run_systems(systems, prompts, on_call=advance)
     rows = [summarize(run, runs[0], references, tokenizer.decode) for run in runs]
     console.print(_table(rows, len(samples), max_new_tokens))
     sample_run = runs[-2] if aligned else runs[2]

@@ -44,26 +44,38 @@ class SystemRun:
         return sum(len(o) for o in self.outputs)
 
 
-def run_system(name: str, generate: Callable, prompts: Sequence[Sequence[int]],
-               on_prompt: Callable[[], None] | None = None) -> SystemRun:
-    """Runs `generate([prompt])` (a greedy or BiLD output) on each prompt; the first call is timed apart."""
-    start = time.perf_counter()
-    jax.block_until_ready(generate([list(prompts[0])]))
-    compile_seconds = time.perf_counter() - start
-    run = SystemRun(name=name, outputs=[], seconds=0.0, compile_seconds=compile_seconds)
-    for prompt in prompts:
+def run_systems(systems: Sequence[tuple[str, Callable]], prompts: Sequence[Sequence[int]],
+                on_call: Callable[[str], None] | None = None) -> list[SystemRun]:
+    """Runs each (name, generate) system, `generate([prompt])` returning a greedy or BiLD output, on every
+    prompt at batch 1. Each system's first call (compilation) is timed apart; then the systems take turns
+    prompt by prompt, so that a machine getting slower or faster mid-run shifts every system alike instead
+    of skewing the speedups. `on_call(name)` follows every call."""
+    runs = []
+    for name, generate in systems:
         start = time.perf_counter()
-        out = jax.block_until_ready(generate([list(prompt)]))
-        run.seconds += time.perf_counter() - start
-        n = int(out.lengths[0])
-        run.outputs.append([int(t) for t in out.tokens[0, :n]])
-        if hasattr(out, "stats"):
-            run.from_large = (run.from_large or []) + [[bool(x) for x in np.asarray(out.from_large[0, :n])]]
-            for key, value in dataclasses.asdict(out.stats).items():
-                run.stats[key] = run.stats.get(key, 0) + int(value[0])
-        if on_prompt:
-            on_prompt()
-    return run
+        jax.block_until_ready(generate([list(prompts[0])]))
+        runs.append(SystemRun(name=name, outputs=[], seconds=0.0, compile_seconds=time.perf_counter() - start))
+        if on_call:
+            on_call(name)
+    for prompt in prompts:
+        for run, (_, generate) in zip(runs, systems):
+            start = time.perf_counter()
+            out = jax.block_until_ready(generate([list(prompt)]))
+            run.seconds += time.perf_counter() - start
+            _record(run, out)
+            if on_call:
+                on_call(run.name)
+    return runs
+
+
+def _record(run: SystemRun, out) -> None:
+    """Appends row 0 of a greedy or BiLD output to `run`."""
+    n = int(out.lengths[0])
+    run.outputs.append([int(t) for t in out.tokens[0, :n]])
+    if hasattr(out, "stats"):
+        run.from_large = (run.from_large or []) + [[bool(x) for x in np.asarray(out.from_large[0, :n])]]
+        for key, value in dataclasses.asdict(out.stats).items():
+            run.stats[key] = run.stats.get(key, 0) + int(value[0])
 
 
 def summarize(run: SystemRun, baseline: SystemRun, references: Sequence[str], decode: Callable) -> dict:

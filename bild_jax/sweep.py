@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bild_jax.bild import BiLDConfig, bild_generate
-from bild_jax.evaluation import run_system, summarize
+from bild_jax.evaluation import run_systems, summarize
 from bild_jax.generate import greedy_generate
 
 MAX_ROUGE_LOSS = 1.0  # the recommended point is the fastest within this many ROUGE-L points of large-only
@@ -31,18 +31,17 @@ def run_sweep(small, large, prompts: list[list[int]], references: list[str] | No
     """
     console = console or Console()
     grid = list(itertools.product(fallbacks, rollbacks))
+    systems = [("large", lambda p: greedy_generate(large, p, max_new_tokens))]
+    for fallback, rollback in grid:
+        config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,
+                            max_new_tokens=max_new_tokens)
+        systems.append(("BiLD", lambda p, c=config: bild_generate(small, large, p, c)))
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("large-only", total=(len(grid) + 1) * len(prompts))
-        advance = lambda: progress.advance(task)  # noqa: E731
-        baseline = run_system("large", lambda p: greedy_generate(large, p, max_new_tokens), prompts, advance)
-        references = references or [decode(o) for o in baseline.outputs]
-        runs = []
-        for fallback, rollback in grid:
-            progress.update(task, description=f"BiLD fallback={fallback} rollback={rollback}")
-            config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,
-                                max_new_tokens=max_new_tokens)
-            runs.append(((fallback, rollback), run_system(
-                "BiLD", lambda p, c=config: bild_generate(small, large, p, c), prompts, advance)))
+        task = progress.add_task(f"{len(systems)} systems on {len(prompts)} prompts",
+                                 total=len(systems) * (len(prompts) + 1))
+        baseline, *bild_runs = run_systems(systems, prompts, on_call=lambda _: progress.advance(task))
+    references = references or [decode(o) for o in baseline.outputs]
+    runs = list(zip(grid, bild_runs))
     base_row = summarize(baseline, baseline, references, decode)
     rows = [{"fallback": f, "rollback": r, **summarize(run, baseline, references, decode)} for (f, r), run in runs]
     eligible = [r for r in rows if r["rouge_l"] >= base_row["rouge_l"] - MAX_ROUGE_LOSS]
