@@ -2,7 +2,7 @@
 continuations of training prompts (sequence-level distillation), so that it drafts what the large one would
 write.
 
-    python experiments/align.py --out runs/pair      # after train_pair.py trained both sizes (~6 min, 2 cores)
+    python experiments/align.py --out runs/pair      # after train_pair.py trained both sizes (~5 min, 2 cores)
 
 Reads `--out/small/hf` and `--out/large/hf`, writes `--out/small-aligned/hf` (HF format, like the others).
 Fine-tuning checkpoints go to `--out/small-aligned/checkpoints` and an interrupted run resumes.
@@ -46,8 +46,8 @@ def distillation_chunks(large: bild_jax.Model, chunks: np.ndarray, count: int, b
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/pair"))
-    parser.add_argument("--prompts", type=int, default=2048, help="training prompts to distil")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--prompts", type=int, default=4096, help="training prompts to distil")
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--limit-files", type=int, help="use the first N training files only (quick checks)")
