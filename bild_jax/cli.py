@@ -97,10 +97,11 @@ def _load_pair(args):
 
 def run_generate(args) -> None:
     prompts = _read_prompts(args)
-    small, large, tokenizer = _load_pair(args)
+    # Settings are checked before the models load: a bad flag fails at once.
     config = bild_jax.BiLDConfig(fallback_threshold=args.fallback, rollback_threshold=args.rollback,
                                  max_draft=args.max_draft, max_new_tokens=args.max_new_tokens, exact=args.exact,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    small, large, tokenizer = _load_pair(args)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     out = bild_jax.bild_generate(small, large, ids, config, rng=jax.random.key(args.seed))
     for row, prompt in enumerate(prompts):
