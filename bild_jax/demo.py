@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -57,10 +58,12 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("compiling", total=len(systems) * (len(samples) + 1))
 
-        def advance(name: str) -> None:
-            done = progress.tasks[0].completed + 1
-            progress.update(task, advance=1, description="compiling" if done < len(systems) else
-                            f"{len(systems)} systems taking turns on {len(samples)} prompts")
+        calls = itertools.count(1)
+
+        def advance(_name: str) -> None:
+            progress.advance(task)
+            if next(calls) == len(systems):  # every system has compiled
+                progress.update(task, description=f"{len(systems)} systems taking turns on {len(samples)} prompts")
 
         runs = run_systems(systems, prompts, on_call=advance)
     rows = [summarize(run, runs[0], references, tokenizer.decode) for run in runs]

@@ -250,10 +250,7 @@ def run(args) -> dict:
 def markdown(data: dict) -> str:
     s = data["settings"]
     parts = [
-        "# bild-jax vs HF transformers\n",
-        f"`{data['command']}`\n",
-        harness.machine_line(data["machine"]),
-        harness.busy_warning(data["machine"]),
+        *harness.report_header("bild-jax vs HF transformers", data),
         f"Pair: small `{s['small']}`, large `{s['large']}` ({s['dtype']}, same weights on both sides). "
         f"{s['num_prompts']} prompts of {s['prompt_tokens']} tokens ({data['results']['prompts']}), up to "
         f"{s['max_new_tokens']} new tokens, greedy. BiLD: fallback {s['fallback']}, rollback {s['rollback']}, "

@@ -94,6 +94,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def report_header(title: str, data: dict) -> list[str]:
+    """The opening Markdown lines of a results report: title, the command that made it, the machine, and a
+    warning when the machine was busy. `data` holds "command" and "machine" (`machine_info()`)."""
+    return [f"# {title}\n", f"`{data['command']}`\n", machine_line(data["machine"]), busy_warning(data["machine"])]
+
+
 def machine_line(machine: dict) -> str:
     """One Markdown line naming the machine and the versions that matter for timings."""
     v = machine["versions"]

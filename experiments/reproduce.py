@@ -418,10 +418,7 @@ def markdown(results: dict) -> str:
     tasks = results["tasks"]
     s = results["settings"]
     parts = [
-        "# BiLD paper tasks with bild-jax\n",
-        f"`{results['command']}`\n",
-        harness.machine_line(results["machine"]),
-        harness.busy_warning(results["machine"]),
+        *harness.report_header("BiLD paper tasks with bild-jax", results),
         f"Greedy, batch size {s['batch_size']}, max_draft {s['max_draft']}; speedup = large-model time / "
         f"system time (compilation excluded). Matched: within {MATCHED_TOLERANCE:g} of the large model's "
         f"quality; 1-point drop: within {DROP_TOLERANCE:g}. BiLD cells show (fallback/rollback).\n",
