@@ -4,14 +4,18 @@
 Per row, the output buffer holds `num_tokens` tokens. `large_seen` of them are in the large model's cache;
 token `large_seen` is verified (written or already judged by the large model) and the ones after it are
 unverified drafts. The small model's cache holds all but the last one or two tokens. Each iteration:
-1. small step, every live row: feed the 1-2 tokens the small model has not seen, then either append a
+1. `small_step`, every live row: feed the 1-2 tokens the small model has not seen, then either append a
    draft (its argmax, or a sample) or, when its confidence is below `fallback_threshold`, fall back;
-2. if any row falls back, has `max_draft` drafts since the large model last wrote, or (with tail
-   verification) has drafted its end: one large pass over every live row's unseen tokens, a padded
-   [B, max_draft + 1] block. Rows that asked for it get their first rejected draft replaced (rollback) or
-   the large model's next token appended; the other rows get their drafts judged without a new token, so
-   that a row's output never depends on the rest of the batch.
-Caches are kept consistent by moving per-row lengths only; no second large pass is ever needed.
+2. `large_pass`, if any row falls back, has `max_draft` drafts since the large model last wrote, or (with
+   tail verification) has drafted its end: one large pass over every taking-part row's unseen tokens, a
+   block cut to the narrowest compiled width that holds them. A verification rule (`policies.RULES`) finds
+   each row's first rejected draft; rows that asked for the pass get it replaced (rollback) or the large
+   model's next token appended; the other rows get their drafts judged without a new token, so that a
+   row's output never depends on the rest of the batch. `commit_large` applies the result;
+3. `finished`: rows whose output is complete stop.
+Caches are kept consistent by moving per-row lengths only; no second large pass is ever needed. The passes
+only read the caches; their new keys/values are written outside the `lax.switch` that picks the block
+width (see `cache`), so that XLA never copies a cache inside the loop.
 
 Sampling (temperature > 0) draws every random number from a key of (row, output position, stream) (see
 `sampling`), so a verdict on a draft is the same whenever it is computed. With `exact`, drafts are judged
@@ -21,6 +25,7 @@ by speculative rejection sampling, which keeps the large model's distribution.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -30,13 +35,12 @@ from flax import struct
 from jax import lax
 
 from bild_jax import policies
-from bild_jax.generate import output_pad_id
-from bild_jax.sampling import (ACCEPT, DRAFT, TOKEN, SamplingParams, check_rng, check_sampling, position_keys,
-                               process_logits, row_keys, sample, uniform)
+from bild_jax.cache import KVBlock
+from bild_jax.generate import output_pad_id, prepare_inputs
 from bild_jax.model import Model
-from bild_jax.prompts import (check_positions, decoder_capacity, eos_array, is_eos, prefill,
-                              prepare_prompts)
-from bild_jax.sharding import distribute
+from bild_jax.prompts import decoder_capacity, eos_array, is_eos, prefill
+from bild_jax.rows import set_at, take_at, take_block
+from bild_jax.sampling import DRAFT, TOKEN, SamplingParams, check_rng, check_sampling, process_logits, row_keys, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,31 +84,37 @@ class BiLDPolicy:
 
     fallback_threshold: jax.Array  # [] float32
     rollback_threshold: jax.Array  # [] float32
-    exact: jax.Array               # [] bool
+    rule: jax.Array                # [] int32 index into policies.RULES: BiLD rollback, exact greedy, speculative
     verify_tail: jax.Array         # [] bool, always True when exact
     eos_ids: jax.Array             # [MAX_EOS_IDS] int32, -1 padded
     sampling: SamplingParams
 
     @classmethod
     def from_config(cls, config: BiLDConfig, eos_ids: jax.Array) -> "BiLDPolicy":
+        sampling = SamplingParams.create(config.temperature, config.top_k, config.top_p)
         return cls(fallback_threshold=jnp.float32(config.fallback_threshold),
                    rollback_threshold=jnp.float32(config.rollback_threshold),
-                   exact=jnp.bool_(config.exact), verify_tail=jnp.bool_(config.verify_tail or config.exact),
-                   eos_ids=eos_ids,
-                   sampling=SamplingParams.create(config.temperature, config.top_k, config.top_p))
+                   rule=policies.rule_id(jnp.bool_(config.exact), sampling.sampled),
+                   verify_tail=jnp.bool_(config.verify_tail or config.exact), eos_ids=eos_ids, sampling=sampling)
 
 
 @struct.dataclass
-class BiLDStats:
-    """Per-row counters. small_tokens + large_tokens == lengths: every output token has one author."""
+class LoopCounters:
+    """Per-row counts of what the loop did; `BiLDStats` reports them with the token authorship."""
 
-    small_tokens: jax.Array        # [B] int32 output tokens drafted by the small model and kept
-    large_tokens: jax.Array        # [B] int32 output tokens written by the large model
     small_calls: jax.Array         # [B] int32 small-model steps the row took part in
     large_calls: jax.Array         # [B] int32 large-model passes that wrote a token for the row
     fallbacks: jax.Array           # [B] int32 small steps whose confidence was below the threshold
     rollbacks: jax.Array           # [B] int32 draft tokens replaced by the large model
     rolled_back_tokens: jax.Array  # [B] int32 draft tokens discarded by rollbacks (replaced one included)
+
+
+@struct.dataclass
+class BiLDStats(LoopCounters):
+    """Per-row counters. small_tokens + large_tokens == lengths: every output token has one author."""
+
+    small_tokens: jax.Array        # [B] int32 output tokens drafted by the small model and kept
+    large_tokens: jax.Array        # [B] int32 output tokens written by the large model
 
 
 @struct.dataclass
@@ -116,71 +126,210 @@ class BiLDOutput:
 
 
 @struct.dataclass
+class DecodeContext:
+    """What every step reads and none changes: the models, the settings, the rows' keys, static sizes."""
+
+    small: Model
+    large: Model
+    policy: BiLDPolicy
+    keys: jax.Array                                        # [B] PRNG keys, one stream per row
+    small_offset: jax.Array                                # [B] int32 small-cache slots before output token 0
+    large_offset: jax.Array                                # [B] int32 large-cache slots before output token 0
+    max_new_tokens: int = struct.field(pytree_node=False)
+    max_draft: int = struct.field(pytree_node=False)
+
+    def draw(self, logits: jax.Array, positions: jax.Array, stream: int) -> jax.Array:
+        """[B] int32 tokens for output positions [B] from processed logits [B, V], with the rows' keys for
+        `stream` (the argmax when greedy)."""
+        return sample(self.keys, positions, stream, logits, self.policy.sampling)
+
+
+@struct.dataclass
 class DecodeState:
-    small_cache: Any       # holds prompt + output[:small_seen]; small_seen = lengths - small_base
-    large_cache: Any       # holds prompt + output[:large_seen]; large_seen = lengths - large_base
+    small_cache: Any       # holds prompt + output[:small_seen]
+    large_cache: Any       # holds prompt + output[:large_seen]
     tokens: jax.Array      # [B, N + 2] int32 output buffer (room for a bonus token past N)
     from_large: jax.Array  # [B, N + 2] bool the large model wrote this token
     num_tokens: jax.Array  # [B] int32 tokens in the buffer, verified and drafts
-    last_large: jax.Array  # [B] int32 index of the last token the large model wrote
+    large_wrote_at: jax.Array  # [B] int32 index of the last token the large model wrote
     # [B, max_draft, V] float32: the small model's processed logits for the draft at position p, in slot
     # p % max_draft. Exact sampling needs the whole p_small of each judged draft (the residual
     # max(0, p_large - p_small) at a rejection), not only p_small(draft); every unverified draft lies within
-    # max_draft positions after last_large, so the slots never collide. Costs B * max_draft * V * 4 bytes.
+    # max_draft positions after large_wrote_at, so the slots never collide. Costs B * max_draft * V * 4 bytes.
     draft_logits: jax.Array
     done: jax.Array        # [B] bool
-    small_calls: jax.Array         # [B] int32
-    large_calls: jax.Array         # [B] int32
-    fallbacks: jax.Array           # [B] int32
-    rollbacks: jax.Array           # [B] int32
-    rolled_back_tokens: jax.Array  # [B] int32
+    counters: LoopCounters
+    small_offset: jax.Array  # [B] int32, as in DecodeContext: the cursors are offset + seen
+    large_offset: jax.Array
+
+    @property
+    def live(self) -> jax.Array:
+        return ~self.done                                                 # [B] bool
+
+    @property
+    def small_seen(self) -> jax.Array:
+        return self.small_cache.lengths - self.small_offset               # [B] output tokens in the small cache
+
+    @property
+    def large_seen(self) -> jax.Array:
+        return self.large_cache.lengths - self.large_offset               # [B] output tokens in the large cache
 
 
-def _take_block(tokens: jax.Array, starts: jax.Array, counts: jax.Array, width: int) -> jax.Array:
-    """tokens[b, starts[b] : starts[b] + width] [B, width] int32, zeros past counts[b]."""
-    offsets = jnp.arange(width, dtype=jnp.int32)[None, :]
-    index = jnp.clip(starts[:, None] + offsets, 0, tokens.shape[1] - 1)
-    return jnp.where(offsets < counts[:, None], jnp.take_along_axis(tokens, index, axis=1), 0)
+@struct.dataclass
+class LargePass:
+    """What one large pass (or its skip) decided, per row; applied by `commit_large`."""
+
+    block: KVBlock          # the fed tokens' keys/values, padded to max_draft + 1 slots
+    takes_part: jax.Array   # [B] bool the row's unseen tokens were fed and judged
+    rolls_back: jax.Array   # [B] bool a draft was rejected
+    position: jax.Array     # [B] int32 where the large model's token goes: the rejected draft, or num_tokens
+    token: jax.Array        # [B] int32 the large model's token (written where needs_large or rolls_back)
 
 
-def _take_at(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [B, K, V] -> x[b, index[b]] [B, V]."""
-    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
-
-
-def _set_at(buffer: jax.Array, index: jax.Array, value: jax.Array, where: jax.Array) -> jax.Array:
-    """buffer [B, L, ...] with buffer[b, index[b]] = value[b] for the rows where `where` [B] holds."""
-    rows = jnp.arange(buffer.shape[0])
-    index = jnp.clip(index, 0, buffer.shape[1] - 1)
-    value = jnp.asarray(value)
-    where = where.reshape(where.shape + (1,) * (value.ndim - 1))
-    return buffer.at[rows, index].set(jnp.where(where, value, buffer[rows, index]))
-
-
-# Narrower verification blocks than max_draft + 1 compiled alongside it. On CPUs a one-token block is a
-# matrix-vector product, far cheaper than a wide block (bundled large model, 2 cores: 1.4 ms for 1 token,
-# 1.8 ms for 4, 2.8 ms for 11; experiments/measure_sizes.py), and a fallback right after the large model's
-# own token has just that one token to feed.
+# Verification block widths compiled besides max_draft + 1. On CPUs a one-token block is a matrix-vector
+# product, far cheaper than a wide block (bundled large model, 2 cores: 1.4 ms for 1 token, 1.8 ms for 4,
+# 2.8 ms for 11; experiments/measure_sizes.py), and a fallback right after the large model's own token has
+# just that one token to feed.
 NARROW_VERIFY_WIDTHS = (1, 4)
 
 
-def _decode_narrowest(model: Model, block: jax.Array, counts: jax.Array, cache, narrow_widths: tuple[int, ...]):
-    """`model.decode` of block [B, W] int32 cut to the narrowest of `narrow_widths` (static) and W that holds
-    every row's counts [B] int32 tokens. Returns logits [B, W, V] float32, zero past the chosen width, and
-    the cache; its lengths are the caller's to set."""
-    full = block.shape[1]
-    widths = tuple(w for w in sorted(set(narrow_widths)) if w < full) + (full,)
+def block_widths(narrow: tuple[int, ...], full: int) -> tuple[int, ...]:
+    """The compiled block widths: the narrow ones below `full`, then `full`."""
+    return tuple(w for w in sorted(set(narrow)) if w < full) + (full,)
 
-    def branch(width: int):
+
+def small_step(ctx: DecodeContext, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+    """Feeds every live row's unseen tokens to the small model and drafts or falls back.
+    Returns the state and needs_large [B] bool: the row asks for a large pass now."""
+    live, n = state.live, ctx.max_new_tokens
+    count = jnp.where(live, state.num_tokens - state.small_seen, 0)                # [B] 1 or 2 tokens to feed
+    block = take_block(state.tokens, state.small_seen, count, 2)                    # [B, 2]
+
+    def feed(width: int):
         def run(block, cache):
-            logits, cache = model.decode(block[:, :width], cache)
-            return jnp.pad(logits, ((0, 0), (0, full - width), (0, 0))), cache
+            logits, kv = ctx.small.decode_block(block[:, :width], cache)           # [B, width, V]
+            return jnp.pad(logits, ((0, 0), (0, 2 - width), (0, 0))), kv.padded(2)
         return run
 
-    if len(widths) == 1:
-        return branch(full)(block, cache)
-    index = jnp.searchsorted(jnp.asarray(widths), counts.max())
-    return lax.switch(index, [branch(w) for w in widths], block, cache)
+    logits, kv = lax.switch(jnp.int32(count.max() > 1), [feed(1), feed(2)], block, state.small_cache)
+    small_cache = state.small_cache.write(kv).with_lengths(
+        jnp.where(live, ctx.small_offset + state.num_tokens, state.small_cache.lengths))
+    next_logits = process_logits(take_at(logits, jnp.clip(count - 1, 0, 1)), ctx.policy.sampling)   # [B, V]
+    falls_back = policies.fallback(next_logits, ctx.policy.fallback_threshold)                        # [B]
+    draft = ctx.draw(next_logits, state.num_tokens, DRAFT)                                            # [B]
+    drafts = live & ~falls_back
+    num_tokens = state.num_tokens + drafts
+    ended = drafts & (is_eos(draft, ctx.policy.eos_ids) | (num_tokens >= n))
+    needs_large = live & (falls_back | (num_tokens - 1 - state.large_wrote_at >= ctx.max_draft)
+                          | (ended & ctx.policy.verify_tail))
+    counters = state.counters
+    state = state.replace(
+        small_cache=small_cache, num_tokens=num_tokens,
+        tokens=set_at(state.tokens, state.num_tokens, draft, drafts),
+        from_large=set_at(state.from_large, state.num_tokens, False, drafts),
+        draft_logits=set_at(state.draft_logits, state.num_tokens % ctx.max_draft, next_logits, drafts),
+        counters=counters.replace(small_calls=counters.small_calls + live,
+                                  fallbacks=counters.fallbacks + (live & falls_back)))
+    return state, needs_large
+
+
+def large_pass(ctx: DecodeContext, state: DecodeState, needs_large: jax.Array, takes_part: jax.Array,
+               width: int) -> LargePass:
+    """The large model over each taking-part row's unseen tokens (a block of `width`, static, holding them
+    all), judged by the policy's verification rule. Reads the caches, writes nothing."""
+    count = jnp.where(takes_part, state.num_tokens - state.large_seen, 0)           # [B] 1 .. width
+    block = take_block(state.tokens, state.large_seen, count, width)                # [B, W]
+    logits, kv = ctx.large.decode_block(block, state.large_cache)                   # [B, W, V]
+    logits = process_logits(logits, ctx.policy.sampling)
+    no = jnp.zeros_like(takes_part)
+    rolls_back, index, replacement = no, jnp.zeros_like(count), logits[:, 0]
+    if width > 1:  # a one-token block holds no draft to judge
+        positions = state.large_seen[:, None] + 1 + jnp.arange(width - 1)[None, :]  # [B, W - 1] of the drafts
+        verdict = lax.switch(ctx.policy.rule, policies.RULES, policies.Verification(
+            large_logits=logits, drafts=block[:, 1:], num_drafts=jnp.maximum(count - 1, 0),
+            draft_logits=state.draft_logits, keys=ctx.keys, positions=positions,
+            rollback_threshold=ctx.policy.rollback_threshold, sampled=ctx.policy.sampling.sampled))
+        rolls_back, index, replacement = takes_part & verdict.rejects, verdict.index, verdict.replacement
+    # The large model's token: a replacement, or its prediction after the row's last token.
+    target = jnp.where(rolls_back[:, None], replacement, take_at(logits, jnp.maximum(count - 1, 0)))   # [B, V]
+    position = jnp.where(rolls_back, state.large_seen + 1 + index, state.num_tokens)                  # [B]
+    token = jnp.where(needs_large | rolls_back, ctx.draw(target, position, TOKEN), 0)
+    return LargePass(block=kv.padded(ctx.max_draft + 1), takes_part=takes_part, rolls_back=rolls_back,
+                     position=position, token=token)
+
+
+def skipped_pass(ctx: DecodeContext, state: DecodeState, needs_large: jax.Array, takes_part: jax.Array,
+                 width: int) -> LargePass:
+    """No row needs the large model: a `LargePass` that changes nothing (no row takes part, none writes)."""
+    shapes = jax.eval_shape(functools.partial(large_pass, width=width), ctx, state, needs_large, takes_part)
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def commit_large(state: DecodeState, needs_large: jax.Array, result: LargePass) -> DecodeState:
+    """Applies a large pass: the block into the large cache, the large model's token, the cursors."""
+    writes = needs_large | result.rolls_back                                                       # [B]
+    position, large_seen = result.position, state.large_seen
+    new_large_seen = jnp.where(writes, position, jnp.where(result.takes_part, state.num_tokens - 1, large_seen))
+    small_lengths = jnp.where(result.rolls_back, jnp.minimum(state.small_cache.lengths, state.small_offset + position),
+                              state.small_cache.lengths)
+    counters = state.counters
+    return state.replace(
+        small_cache=state.small_cache.with_lengths(small_lengths),
+        large_cache=state.large_cache.write(result.block).with_lengths(state.large_offset + new_large_seen),
+        tokens=set_at(state.tokens, position, result.token, writes),
+        from_large=set_at(state.from_large, position, True, writes),
+        num_tokens=jnp.where(writes, position + 1, state.num_tokens),
+        large_wrote_at=jnp.where(writes, position, state.large_wrote_at),
+        counters=counters.replace(
+            large_calls=counters.large_calls + writes, rollbacks=counters.rollbacks + result.rolls_back,
+            rolled_back_tokens=counters.rolled_back_tokens + jnp.where(result.rolls_back,
+                                                                       state.num_tokens - position, 0)))
+
+
+def finished(ctx: DecodeContext, state: DecodeState) -> jax.Array:
+    """[B] bool rows whose output is complete: EOS or N tokens, among the verified ones with tail
+    verification."""
+    settled = jnp.where(ctx.policy.verify_tail, state.large_seen + 1, state.num_tokens)
+    ended_at = _first_eos(state.tokens, state.num_tokens, ctx.policy.eos_ids)
+    return state.done | (ended_at < settled) | (settled >= ctx.max_new_tokens)
+
+
+def decode_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
+    """One loop iteration: a small step, a large pass if any row needs one, the termination test."""
+    state, needs_large = small_step(ctx, state)
+    # Without tail verification a row may end on unjudged drafts; judging other rows' drafts early would
+    # then make a row's output depend on its batch.
+    takes_part = needs_large.any() & (needs_large | (state.live & ctx.policy.verify_tail))       # [B]
+    widths = block_widths(NARROW_VERIFY_WIDTHS, ctx.max_draft + 1)
+    unseen = jnp.where(takes_part, state.num_tokens - state.large_seen, 0).max()
+    branch = jnp.where(needs_large.any(), 1 + jnp.searchsorted(jnp.asarray(widths), unseen), 0)
+    passes = [functools.partial(skipped_pass, width=widths[-1])] + [functools.partial(large_pass, width=w)
+                                                                     for w in widths]
+    result = lax.switch(branch, passes, ctx, state, needs_large, takes_part)
+    state = commit_large(state, needs_large, result)
+    return state.replace(done=finished(ctx, state))
+
+
+def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array) -> DecodeState:
+    """Prefills both caches and writes the large model's first token."""
+    batch, width = prompts.shape
+    n = ctx.max_new_tokens
+    _, small_cache = prefill(ctx.small, prompts, prompt_lengths, decoder_capacity(ctx.small, width, n + 2))
+    large_logits, large_cache = prefill(ctx.large, prompts, prompt_lengths,
+                                        decoder_capacity(ctx.large, width, n + ctx.max_draft + 1))
+    zeros = jnp.zeros((batch,), jnp.int32)
+    first = ctx.draw(process_logits(large_logits, ctx.policy.sampling), zeros, TOKEN)              # [B]
+    return DecodeState(
+        small_cache=small_cache, large_cache=large_cache,
+        tokens=jnp.zeros((batch, n + 2), jnp.int32).at[:, 0].set(first),
+        from_large=jnp.zeros((batch, n + 2), bool).at[:, 0].set(True),
+        num_tokens=jnp.ones((batch,), jnp.int32), large_wrote_at=zeros,
+        draft_logits=jnp.zeros((batch, ctx.max_draft, ctx.large.vocab_size), jnp.float32),
+        # The first token may already end a row (EOS, or max_new_tokens == 1).
+        done=is_eos(first, ctx.policy.eos_ids) | (n == 1),
+        counters=LoopCounters(small_calls=zeros, large_calls=jnp.ones((batch,), jnp.int32), fallbacks=zeros,
+                              rollbacks=zeros, rolled_back_tokens=zeros),
+        small_offset=ctx.small_offset, large_offset=ctx.large_offset)
 
 
 def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: jax.Array, policy: BiLDPolicy,
@@ -192,119 +341,15 @@ def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: 
     `max_new_tokens`, `max_draft` and `pad_token_id` are static. `rng`: one PRNG key or [B] keys, one per
     row (`sampling.row_keys`); None uses a fixed key, fine for greedy decoding, which draws nothing.
     """
-    batch, width = prompts.shape
-    n = max_new_tokens
-    verify_width = max_draft + 1
-    small_base = jnp.ones_like(prompt_lengths) if small.is_encoder_decoder else prompt_lengths
-    large_base = jnp.ones_like(prompt_lengths) if large.is_encoder_decoder else prompt_lengths
-    _, small_cache = prefill(small, prompts, prompt_lengths, decoder_capacity(small, width, n + 2))
-    large_capacity = decoder_capacity(large, width, n + verify_width)
-    large_logits, large_cache = prefill(large, prompts, prompt_lengths, large_capacity)
-    keys = row_keys(rng, batch)
-    speculative = policy.exact & policy.sampling.sampled  # exact sampling: speculative rejection
+    def offset(model: Model) -> jax.Array:
+        return jnp.ones_like(prompt_lengths) if model.is_encoder_decoder else prompt_lengths
 
-    def draw(logits: jax.Array, positions: jax.Array, stream: int) -> jax.Array:
-        """[B] int32 tokens for output positions [B] from logits [B, V], with the rows' keys for `stream`."""
-        return sample(keys, positions, stream, logits, policy.sampling)
-
-    zeros = jnp.zeros((batch,), jnp.int32)
-    first = draw(process_logits(large_logits, policy.sampling), zeros, TOKEN)
-
-    def small_step(state: DecodeState):
-        live = ~state.done
-        small_seen = state.small_cache.lengths - small_base
-        count = state.num_tokens - small_seen  # 1 or 2 for live rows
-        block = _take_block(state.tokens, small_seen, count, 2)
-        logits, cache = _decode_narrowest(small, block, jnp.where(live, count, 0), state.small_cache, (1,))
-        cache = cache.with_lengths(jnp.where(live, small_base + state.num_tokens, state.small_cache.lengths))
-        next_logits = process_logits(_take_at(logits, jnp.clip(count - 1, 0, 1)), policy.sampling)
-        falls_back = policies.fallback(next_logits, policy.fallback_threshold)
-        draft = draw(next_logits, state.num_tokens, DRAFT)
-        accept = live & ~falls_back
-        tokens = _set_at(state.tokens, state.num_tokens, draft, accept)
-        draft_logits = _set_at(state.draft_logits, state.num_tokens % max_draft, next_logits, accept)
-        from_large = _set_at(state.from_large, state.num_tokens, False, accept)
-        num_tokens = state.num_tokens + accept
-        ended = accept & (is_eos(draft, policy.eos_ids) | (num_tokens >= n))
-        needs_large = live & (falls_back | (num_tokens - 1 - state.last_large >= max_draft)
-                              | (ended & policy.verify_tail))
-        state = state.replace(small_cache=cache, tokens=tokens, from_large=from_large, num_tokens=num_tokens,
-                              draft_logits=draft_logits, small_calls=state.small_calls + live,
-                              fallbacks=state.fallbacks + (live & falls_back))
-        return state, needs_large
-
-    def large_verify(state: DecodeState, needs_large: jax.Array) -> DecodeState:
-        live = ~state.done
-        # Without tail verification a row may end on unjudged drafts; judging other rows' drafts early
-        # would then make a row's output depend on its batch.
-        takes_part = needs_large | (live & policy.verify_tail)
-        large_seen = state.large_cache.lengths - large_base
-        count = jnp.where(takes_part, state.num_tokens - large_seen, 0)  # 1 .. max_draft + 1
-        block = _take_block(state.tokens, large_seen, count, verify_width)
-        logits, cache = _decode_narrowest(large, block, count, state.large_cache, NARROW_VERIFY_WIDTHS)
-        logits = process_logits(logits, policy.sampling)
-        drafts, num_drafts = block[:, 1:], count - 1
-
-        def speculative_rule():
-            positions = large_seen[:, None] + 1 + jnp.arange(max_draft)[None, :]  # [B, max_draft] of the drafts
-            small_logits = jnp.take_along_axis(state.draft_logits, (positions % max_draft)[:, :, None], axis=1)
-            return policies.first_rejection_speculative(logits[:, :-1], small_logits, drafts, num_drafts,
-                                                        uniform(position_keys(keys, positions, ACCEPT)))
-
-        def bild_rule():
-            rolls_back, index = policies.first_rollback(logits[:, :-1], drafts, num_drafts, policy.rollback_threshold,
-                                                        policy.exact, greedy=~policy.sampling.sampled)
-            return rolls_back, index, _take_at(logits, index)
-
-        # (rolls back, first rejected draft, logits of the distribution to replace it from)
-        rolls_back, index, replacement = lax.cond(speculative, speculative_rule, bild_rule)
-        rolls_back = takes_part & rolls_back
-        # The large model's token: a replacement, or its prediction after the row's last token.
-        target = jnp.where(rolls_back[:, None], replacement, _take_at(logits, jnp.maximum(count - 1, 0)))
-        appends = needs_large & ~rolls_back
-        writes = rolls_back | appends
-        position = jnp.where(rolls_back, large_seen + 1 + index, state.num_tokens)
-        tokens = _set_at(state.tokens, position, draw(target, position, TOKEN), writes)
-        from_large = _set_at(state.from_large, position, True, writes)
-        new_large_seen = jnp.where(writes, position, jnp.where(takes_part, state.num_tokens - 1, large_seen))
-        small_lengths = jnp.where(rolls_back, jnp.minimum(state.small_cache.lengths, small_base + position),
-                                  state.small_cache.lengths)
-        return state.replace(
-            small_cache=state.small_cache.with_lengths(small_lengths),
-            large_cache=cache.with_lengths(large_base + new_large_seen),
-            tokens=tokens, from_large=from_large,
-            num_tokens=jnp.where(writes, position + 1, state.num_tokens),
-            last_large=jnp.where(writes, position, state.last_large),
-            large_calls=state.large_calls + writes,
-            rollbacks=state.rollbacks + rolls_back,
-            rolled_back_tokens=state.rolled_back_tokens + jnp.where(rolls_back, state.num_tokens - position, 0),
-        )
-
-    def finished(state: DecodeState) -> jax.Array:
-        """Rows whose output is complete: EOS or N tokens, among the verified ones with tail verification."""
-        settled = jnp.where(policy.verify_tail, state.large_cache.lengths - large_base + 1, state.num_tokens)
-        ended_at = _first_eos(state.tokens, state.num_tokens, policy.eos_ids)
-        return state.done | (ended_at < settled) | (settled >= n)
-
-    def body(state: DecodeState) -> DecodeState:
-        state, needs_large = small_step(state)
-        state = lax.cond(needs_large.any(), large_verify, lambda s, _: s, state, needs_large)
-        return state.replace(done=finished(state))
-
-    state = DecodeState(
-        small_cache=small_cache, large_cache=large_cache,
-        tokens=jnp.zeros((batch, n + 2), jnp.int32).at[:, 0].set(first),
-        from_large=jnp.zeros((batch, n + 2), bool).at[:, 0].set(True),
-        num_tokens=jnp.ones((batch,), jnp.int32), last_large=zeros, done=jnp.zeros((batch,), bool),
-        draft_logits=jnp.zeros((batch, max_draft, large.vocab_size), jnp.float32),
-        small_calls=zeros, large_calls=jnp.ones((batch,), jnp.int32), fallbacks=zeros, rollbacks=zeros,
-        rolled_back_tokens=zeros,
-    )
-    # The first token may already end a row (EOS, or max_new_tokens == 1).
-    first_ends = is_eos(first, policy.eos_ids) | (n == 1)
-    state = state.replace(done=first_ends)
-    state = lax.while_loop(lambda s: ~s.done.all(), body, state)
-    return _output(state, n, policy.eos_ids, pad_token_id)
+    ctx = DecodeContext(small=small, large=large, policy=policy, keys=row_keys(rng, prompts.shape[0]),
+                        small_offset=offset(small), large_offset=offset(large), max_new_tokens=max_new_tokens,
+                        max_draft=max_draft)
+    state = init_state(ctx, prompts, prompt_lengths)
+    state = lax.while_loop(lambda s: ~s.done.all(), functools.partial(decode_step, ctx), state)
+    return _output(state, max_new_tokens, policy.eos_ids, pad_token_id)
 
 
 def _first_eos(tokens: jax.Array, num_tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -318,9 +363,8 @@ def _output(state: DecodeState, n: int, eos_ids: jax.Array, pad_token_id: int) -
     lengths = jnp.minimum(jnp.minimum(_first_eos(state.tokens, state.num_tokens, eos_ids) + 1, state.num_tokens), n)
     kept = jnp.arange(n)[None, :] < lengths[:, None]
     by_large = (state.from_large[:, :n] & kept).sum(-1).astype(jnp.int32)
-    stats = BiLDStats(small_tokens=lengths - by_large, large_tokens=by_large, small_calls=state.small_calls,
-                      large_calls=state.large_calls, fallbacks=state.fallbacks, rollbacks=state.rollbacks,
-                      rolled_back_tokens=state.rolled_back_tokens)
+    counters = {field.name: getattr(state.counters, field.name) for field in dataclasses.fields(LoopCounters)}
+    stats = BiLDStats(**counters, small_tokens=lengths - by_large, large_tokens=by_large)
     return BiLDOutput(tokens=jnp.where(kept, state.tokens[:, :n], pad_token_id), lengths=lengths,
                       from_large=state.from_large[:, :n] & kept, stats=stats)
 
@@ -369,14 +413,12 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
     """
     check_pair(small, large)
     check_rng(rng, config.temperature)
-    prompts, prompt_lengths = prepare_prompts(input_ids, attention_mask, large.vocab_size)
-    for model in (small, large):
-        check_positions(model, int(prompt_lengths.max()), config.max_new_tokens)
+    (large, small), prompts, prompt_lengths = prepare_inputs((large, small), input_ids, config.max_new_tokens,
+                                                             attention_mask, mesh)
     policy = BiLDPolicy.from_config(config, eos_array(large, config.eos_token_id))
     # Checked here, before any compute; greedy runs (rng None) get their fixed key inside the jit, saving
     # an eager dispatch per call.
     keys = None if rng is None else row_keys(rng, len(prompts))
-    (large, small), (prompts, prompt_lengths) = distribute(mesh, (large, small), (prompts, prompt_lengths))
     return _bild_decode_jit(small, large, prompts, prompt_lengths, policy,
                             max_new_tokens=config.max_new_tokens, max_draft=config.max_draft,
                             pad_token_id=output_pad_id(large), rng=keys)

@@ -1,8 +1,13 @@
-"""Fixed-shape key/value caches with a per-row write cursor.
+"""Fixed-shape key/value caches with a per-row write cursor, and the blocks a forward pass adds to them.
 
 A cache holds `capacity` slots per row. `lengths[b]` is both the number of valid slots of row b and the
 slot where the next block is written. Nothing is ever cleared: truncating a row (a rollback) only moves
 its length back, and the stale slots behind it are masked until a later block overwrites them.
+
+A cached forward pass reads the cache and returns the keys/values of its own tokens as a `KVBlock`; writing
+the block in is a separate step (`KVCache.write`). Decode loops keep the write outside their `lax.cond`
+branches: a branch that only reads a cache lets XLA leave it in place, while one that writes it makes XLA
+copy every layer's buffer on each iteration.
 """
 
 from __future__ import annotations
@@ -11,6 +16,25 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 from jax import lax
+
+
+@struct.dataclass
+class KVBlock:
+    """The self-attention keys/values of a K-token block, per layer, not yet in a cache."""
+
+    keys: tuple[jax.Array, ...]    # num_layers x [B, K, Hkv, D]
+    values: tuple[jax.Array, ...]  # num_layers x [B, K, Hkv, D]
+
+    @property
+    def width(self) -> int:
+        return self.keys[0].shape[1]
+
+    def padded(self, width: int) -> "KVBlock":
+        """The block with zero slots appended up to `width` (static), so that differently wide blocks from
+        `lax.switch` branches share one shape; the padding lands in slots past the cursor, which stay stale."""
+        def pad(x):
+            return jnp.pad(x, ((0, 0), (0, width - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+        return KVBlock(keys=tuple(map(pad, self.keys)), values=tuple(map(pad, self.values)))
 
 
 @struct.dataclass
@@ -40,12 +64,21 @@ class KVCache:
         """The same cache with its write cursors moved (truncation or commit); [B] int32."""
         return self.replace(lengths=lengths.astype(jnp.int32))
 
+    def write(self, block: KVBlock) -> "KVCache":
+        """The block written at each row's cursor; the cursors stay where they are (the caller moves them)."""
+        return self.replace(keys=tuple(write_block(c, b, self.lengths) for c, b in zip(self.keys, block.keys)),
+                            values=tuple(write_block(c, b, self.lengths) for c, b in zip(self.values, block.values)))
+
+    def append(self, block: KVBlock) -> "KVCache":
+        """The block written at each row's cursor, cursors moved past it."""
+        return self.write(block).with_lengths(self.lengths + block.width)
+
 
 def write_block(buffer: jax.Array, block: jax.Array, starts: jax.Array) -> jax.Array:
     """Writes `block` [B, K, ...] into `buffer` [B, S, ...] at slot `starts[b]` of each row.
 
     `lax.dynamic_update_slice` clamps a start that would overflow, which would silently overwrite valid
-    entries; callers size caches so that `starts + K <= S` always holds (see `check_capacity`).
+    entries; callers size caches so that `starts + K <= S` always holds (`prompts.decoder_capacity`).
     """
     def write_row(row_buffer, row_block, start):
         index = (start,) + (0,) * (row_buffer.ndim - 1)
@@ -54,18 +87,17 @@ def write_block(buffer: jax.Array, block: jax.Array, starts: jax.Array) -> jax.A
     return jax.vmap(write_row)(buffer, block, starts)
 
 
-def block_positions(lengths: jax.Array, block_width: int) -> jax.Array:
-    """Absolute positions [B, K] int32 of a K-token block written at the rows' cursors."""
-    return lengths[:, None] + jnp.arange(block_width, dtype=jnp.int32)[None, :]
+def attended_positions(lengths: jax.Array, capacity: int, block_width: int) -> tuple[jax.Array, jax.Array]:
+    """What a K-token block at the rows' cursors attends: the cache's slots, then the block itself.
 
-
-def block_causal_mask(lengths: jax.Array, block_width: int, capacity: int) -> jax.Array:
-    """[B, K, S] bool: query i of row b may attend slot j iff j <= lengths[b] + i."""
-    positions = block_positions(lengths, block_width)
-    return jnp.arange(capacity, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
-
-
-def check_capacity(capacity: int, needed: int, what: str) -> None:
-    """Raises a clear error when a cache of `capacity` slots cannot hold `needed` positions."""
-    if needed > capacity:
-        raise ValueError(f"{what} needs {needed} cache slots but the cache holds only {capacity}")
+    Returns (positions [B, S + K] int32 of those keys, mask [B, K, S + K] bool): query i of row b sees the
+    cache slots before lengths[b] and the block's tokens up to itself.
+    """
+    slots = jnp.arange(capacity, dtype=jnp.int32)
+    block = lengths[:, None] + jnp.arange(block_width, dtype=jnp.int32)[None, :]          # [B, K]
+    positions = jnp.concatenate([jnp.broadcast_to(slots, (lengths.shape[0], capacity)), block], axis=1)
+    in_cache = jnp.broadcast_to((slots[None, :] < lengths[:, None])[:, None, :],
+                                (lengths.shape[0], block_width, capacity))                 # [B, K, S]
+    causal = jnp.tril(jnp.ones((block_width, block_width), bool))                          # [K, K]
+    mask = jnp.concatenate([in_cache, jnp.broadcast_to(causal, in_cache.shape[:2] + (block_width,))], axis=2)
+    return positions, mask

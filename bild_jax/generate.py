@@ -3,6 +3,7 @@ per step."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import jax
@@ -101,9 +102,9 @@ def greedy_generate(model: Model, input_ids, max_new_tokens: int, attention_mask
     model and the batch over devices (see `bild_jax.sharding`); a model from `shard_params` needs none.
     Returns tokens [B, max_new_tokens] int32 and lengths [B] int32.
     """
-    model, prompts, prompt_lengths = _prepare(model, input_ids, max_new_tokens, attention_mask, mesh)
+    (model,), prompts, prompt_lengths = prepare_inputs((model,), input_ids, max_new_tokens, attention_mask, mesh)
     return _greedy_decode_jit(model, prompts, prompt_lengths,
-                              eos_array(model, eos_token_id), max_new_tokens=max_new_tokens,
+                              eos_array(model, eos_token_id), max_new_tokens=int(max_new_tokens),
                               pad_token_id=output_pad_id(model))
 
 
@@ -120,20 +121,23 @@ def sample_generate(model: Model, input_ids, max_new_tokens: int, rng: jax.Array
     """
     params = SamplingParams.create(temperature, top_k, top_p)
     check_rng(rng, temperature)
-    model, prompts, prompt_lengths = _prepare(model, input_ids, max_new_tokens, attention_mask, mesh)
+    (model,), prompts, prompt_lengths = prepare_inputs((model,), input_ids, max_new_tokens, attention_mask, mesh)
     keys = row_keys(rng, len(prompts))
     return _sample_decode_jit(model, prompts, prompt_lengths, eos_array(model, eos_token_id), params, keys,
-                              max_new_tokens=max_new_tokens, pad_token_id=output_pad_id(model))
+                              max_new_tokens=int(max_new_tokens), pad_token_id=output_pad_id(model))
 
 
-def _prepare(model: Model, input_ids, max_new_tokens: int, attention_mask, mesh):
-    """Checked input of greedy/sample_generate: (model, prompts [B, T], prompt_lengths [B]), on the mesh."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def prepare_inputs(models: Sequence[Model], input_ids, max_new_tokens: int, attention_mask, mesh
+                   ) -> tuple[tuple[Model, ...], jax.Array, jax.Array]:
+    """Checked input of every generate entry point: (models, prompts [B, T] int32, prompt_lengths [B] int32),
+    placed on the mesh. The first model lays out the batch; every model must fit prompt + new tokens."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    prompts, prompt_lengths = prepare_prompts(input_ids, attention_mask, model.vocab_size)
-    check_positions(model, int(prompt_lengths.max()), max_new_tokens)
-    (model,), (prompts, prompt_lengths) = distribute(mesh, (model,), (prompts, prompt_lengths))
-    return model, prompts, prompt_lengths
+    prompts, prompt_lengths = prepare_prompts(input_ids, attention_mask, models[0].vocab_size)
+    for model in models:
+        check_positions(model, int(prompt_lengths.max()), int(max_new_tokens))
+    models, (prompts, prompt_lengths) = distribute(mesh, models, (prompts, prompt_lengths))
+    return models, prompts, prompt_lengths
 
 
 def output_pad_id(model: Model) -> int:

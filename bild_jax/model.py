@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct, traverse_util
 
+from bild_jax.cache import KVBlock
 from bild_jax.models import ModelFamily, family_for
 
 
@@ -50,11 +51,17 @@ class Model:
             cache = self.family.encode_into_cache(self.module, self.params, encoder_input_ids, encoder_mask, cache)
         return cache if self.sharding is None else self.sharding.constrain_cache(cache)
 
-    def decode(self, tokens: jax.Array, cache) -> tuple[jax.Array, Any]:
-        """The one cached forward: tokens [B, K] int32 written at `cache.lengths` -> logits [B, K, V] float32
-        and the cache with lengths moved K forward."""
+    def decode_block(self, tokens: jax.Array, cache) -> tuple[jax.Array, KVBlock]:
+        """The one cached forward: tokens [B, K] int32 at `cache.lengths` -> (logits [B, K, V] float32, their
+        keys/values as a `KVBlock`). The cache is only read; `cache.write(block)` puts the block in."""
         method = self.module.decode if self.is_encoder_decoder else self.module.__call__
         return self.module.apply({"params": self.params}, tokens, cache, method=method)
+
+    def decode(self, tokens: jax.Array, cache) -> tuple[jax.Array, Any]:
+        """`decode_block`, then the block written in: logits [B, K, V] float32 and the cache with its lengths
+        moved K forward."""
+        logits, block = self.decode_block(tokens, cache)
+        return logits, cache.append(block)
 
 
 def param_shapes(family: ModelFamily, config) -> dict[tuple, tuple]:

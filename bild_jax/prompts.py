@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bild_jax.model import Model
+from bild_jax.rows import take_at
 
 MIN_BUCKET = 8
 MAX_EOS_IDS = 8
@@ -115,5 +116,4 @@ def prefill(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, capacit
         logits, cache = model.decode(start, cache)
         return logits[:, 0], cache
     logits, cache = model.decode(prompts, model.start_cache(batch, capacity))
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache.with_lengths(prompt_lengths)
+    return take_at(logits, prompt_lengths - 1), cache.with_lengths(prompt_lengths)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from bild_jax.reductions import argmax
+
 # Streams: what a draw is for. Distinct streams keep the draws at one position independent, which exact
 # speculative sampling needs (the draft, its acceptance test and the resample must not be correlated).
 TOKEN = 0   # a model's own next token: sample_generate's tokens; every token BiLD's large model writes
@@ -105,7 +107,7 @@ def sample(keys: jax.Array, positions: jax.Array, stream: int, logits: jax.Array
         draw_keys = position_keys(keys, positions, stream)
         return jax.vmap(jax.random.categorical)(draw_keys, logits).astype(jnp.int32)
 
-    return lax.cond(params.sampled, draw, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return lax.cond(params.sampled, draw, lambda: argmax(logits))
 
 
 def uniform(keys: jax.Array) -> jax.Array:

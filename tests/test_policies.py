@@ -39,16 +39,14 @@ def test_rollback_picks_first_token_over_threshold():
     # The large model prefers token 1 everywhere; drafts 1, 1, 3, 4: positions 2 and 3 disagree.
     logits = _one_hot_logits([[1, 1, 1, 1]])
     drafts = jnp.asarray([[1, 1, 3, 4]], jnp.int32)
-    rolls_back, index = policies.first_rollback(
-        logits, drafts, jnp.asarray([4]), jnp.float32(5.0), jnp.bool_(False))
+    rolls_back, index = policies.first_rollback(logits, drafts, jnp.asarray([4]), jnp.float32(5.0))
     assert bool(rolls_back[0]) and int(index[0]) == 2
 
 
 def test_rollback_ignores_drafts_past_the_row_count_and_padding():
     logits = _one_hot_logits([[1, 1, 1, 1], [2, 2, 2, 2]])
     drafts = jnp.asarray([[1, 1, 3, 4], [2, 5, 0, 0]], jnp.int32)
-    rolls_back, index = policies.first_rollback(
-        logits, drafts, jnp.asarray([2, 0]), jnp.float32(5.0), jnp.bool_(False))
+    rolls_back, index = policies.first_rollback(logits, drafts, jnp.asarray([2, 0]), jnp.float32(5.0))
     np.testing.assert_array_equal(np.asarray(rolls_back), [False, False])
 
 
@@ -57,8 +55,7 @@ def test_rollback_threshold_compares_negative_log_probability():
     logits = _logits_with_probs([[[0.05, 0.95]]])
     drafts = jnp.asarray([[0]], jnp.int32)
     for threshold, expected in [(2.9, True), (3.1, False), (np.inf, False)]:
-        rolls_back, _ = policies.first_rollback(
-            logits, drafts, jnp.asarray([1]), jnp.float32(threshold), jnp.bool_(False))
+        rolls_back, _ = policies.first_rollback(logits, drafts, jnp.asarray([1]), jnp.float32(threshold))
         assert bool(rolls_back[0]) == expected
 
 
@@ -66,17 +63,17 @@ def test_equal_argmax_is_never_a_rollback():
     # A flat-ish distribution: the draft is the argmax but -log p = log(3) > threshold 0.5.
     logits = _logits_with_probs([[[0.34, 0.33, 0.33]]])
     drafts = jnp.asarray([[0]], jnp.int32)
-    for exact in (False, True):
-        rolls_back, _ = policies.first_rollback(logits, drafts, jnp.asarray([1]), jnp.float32(0.5),
-                                                jnp.bool_(exact))
-        assert not bool(rolls_back[0])
+    rolls_back, _ = policies.first_rollback(logits, drafts, jnp.asarray([1]), jnp.float32(0.5))
+    assert not bool(rolls_back[0])
+    disagrees, _ = policies.first_disagreement(logits, drafts, jnp.asarray([1]))
+    assert not bool(disagrees[0])
 
 
 def test_exact_rolls_back_any_disagreement():
     logits = _logits_with_probs([[[0.45, 0.55], [0.5, 0.5]]])
     drafts = jnp.asarray([[0, 0]], jnp.int32)  # -log 0.45 = 0.8, far below the threshold of 5
-    lenient, _ = policies.first_rollback(logits, drafts, jnp.asarray([2]), jnp.float32(5.0), jnp.bool_(False))
-    strict, index = policies.first_rollback(logits, drafts, jnp.asarray([2]), jnp.float32(5.0), jnp.bool_(True))
+    lenient, _ = policies.first_rollback(logits, drafts, jnp.asarray([2]), jnp.float32(5.0))
+    strict, index = policies.first_disagreement(logits, drafts, jnp.asarray([2]))
     assert not bool(lenient[0])
     assert bool(strict[0]) and int(index[0]) == 0
 
@@ -87,7 +84,7 @@ def test_sampled_rollback_judges_the_argmax_too():
     drafts = jnp.asarray([[0]], jnp.int32)  # the argmax, -log p = 1.08
     for threshold, expected in [(1.0, True), (1.2, False)]:
         rolls_back, _ = policies.first_rollback(logits, drafts, jnp.asarray([1]), jnp.float32(threshold),
-                                                jnp.bool_(False), greedy=jnp.bool_(False))
+                                                greedy=jnp.bool_(False))
         assert bool(rolls_back[0]) == expected
 
 
@@ -140,3 +137,17 @@ def test_speculative_rejection_keeps_the_large_distribution():
     counts = np.bincount(out, minlength=4)
     assert stats.chisquare(counts, p_large * draws).pvalue > 1e-3
     assert stats.chisquare(np.bincount(np.asarray(drafts), minlength=4), p_large * draws).pvalue < 1e-6
+
+
+def test_tied_argmax_keeps_only_the_first_index():
+    # Tokens 1 and 3 tie for the max: greedy decoding picks 1, so exact mode must reject a draft of 3.
+    logits = jnp.asarray([[[0.0, 2.0, 0.0, 2.0], [0.0, 2.0, 0.0, 2.0]]], jnp.float32)
+    disagrees, index = policies.first_disagreement(logits, jnp.asarray([[1, 3]], jnp.int32), jnp.asarray([2]))
+    assert bool(disagrees[0]) and int(index[0]) == 1
+
+
+@pytest.mark.parametrize("exact,sampled,rule", [(False, False, policies.bild_rule), (False, True, policies.bild_rule),
+                                                (True, False, policies.exact_greedy_rule),
+                                                (True, True, policies.speculative_rule)])
+def test_rule_id_picks_the_rule(exact, sampled, rule):
+    assert policies.RULES[int(policies.rule_id(jnp.bool_(exact), jnp.bool_(sampled)))] is rule

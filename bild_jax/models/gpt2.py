@@ -10,8 +10,8 @@ import jax.numpy as jnp
 
 from bild_jax.cache import KVCache
 from bild_jax.models.family import ModelFamily
-from bild_jax.models.layers import (activation, advanced_cache, attention, cached_keys_values,
-                                    decoder_positions_and_mask, token_ids)
+from bild_jax.models.layers import (activation, attention, cached_keys_values, decoder_positions_and_mask,
+                                    kv_block, token_ids)
 from bild_jax.weights import hf_name_to_flax_path
 
 # Non-parameter buffers that old GPT-2 checkpoints (the hub `gpt2` one included) still carry.
@@ -94,7 +94,7 @@ class GPT2Attention(nn.Module):
             scale /= self.layer + 1
         out = attention(q, keys, values, mask, scale=scale)
         out = nn.Dense(cfg.n_embd, name="c_proj")(out.reshape(batch, width, -1))
-        return out, keys, values
+        return out, k, v
 
 
 class GPT2MLP(nn.Module):
@@ -123,9 +123,10 @@ class GPT2Block(nn.Module):
 class GPT2LMHeadModel(nn.Module):
     """Decoder-only GPT-2 transformer.
 
-    `__call__(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, cache)`:
-    with a cache, the K tokens are written at each row's `cache.lengths` and the returned cache has its
-    lengths moved K forward; without one, the K tokens are the whole sequence.
+    `__call__(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, block)`:
+    with a cache, the K tokens sit at each row's `cache.lengths`, attend the cache (only read) and return
+    their keys/values as a `KVBlock` to write in; without one, the K tokens are the whole sequence (block
+    None).
     """
 
     config: GPT2Config
@@ -135,7 +136,7 @@ class GPT2LMHeadModel(nn.Module):
         cfg = self.config
         batch, width = tokens.shape
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte")
-        positions, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
+        positions, _, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
         # Real tokens never pass the table (callers check prompt + new tokens against max_positions), but
         # padding slots of a verification block may: clamp them, as an out-of-range row would read NaNs
         # that masked attention still multiplies (0 * NaN) into every later step.
@@ -153,7 +154,7 @@ class GPT2LMHeadModel(nn.Module):
             # An Embed, not a Dense: HF's lm_head is an nn.Linear stored [vocab, n_embd], which the family's
             # untransposed (Conv1D) weight layout would otherwise load the wrong way round.
             logits = nn.Embed(cfg.vocab_size, cfg.n_embd, name="lm_head").attend(h)
-        return logits.astype(jnp.float32), advanced_cache(cache, layer_keys, layer_values, width)
+        return logits.astype(jnp.float32), kv_block(cache, layer_keys, layer_values)
 
 
 def init_cache(config: GPT2Config, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bild_jax.cache import KVCache, block_causal_mask, block_positions, write_block
+from bild_jax.cache import KVBlock, KVCache, attended_positions
 
 
 class RMSNorm(nn.Module):
@@ -73,33 +73,38 @@ def attention(query: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Ar
     return out.reshape(batch, width, heads, head_dim)
 
 
-def decoder_positions_and_mask(batch: int, width: int, cache: KVCache | None,
-                               attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Positions [B, K] int32 and self-attention mask [B, K, S] bool for a block of K decoder tokens.
+def decoder_positions_and_mask(batch: int, width: int, cache: KVCache | None, attention_mask: jax.Array | None = None
+                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Positions of a block of K decoder tokens [B, K] int32, of the keys it attends [B, S'] int32, and the
+    self-attention mask [B, K, S'] bool.
 
-    With a cache the block sits at each row's cursor and attends every valid slot before it; without one
-    the block is the whole sequence (S = K), causal, with `attention_mask` [B, K] marking real keys.
+    With a cache the block sits at each row's cursor and attends the cache's valid slots, then itself
+    (S' = S + K, see `cached_keys_values`); without one the block is the whole sequence (S' = K), causal,
+    with `attention_mask` [B, K] marking real keys.
     """
     if cache is not None:
-        return block_positions(cache.lengths, width), block_causal_mask(cache.lengths, width, cache.capacity)
+        key_positions, mask = attended_positions(cache.lengths, cache.capacity, width)
+        return key_positions[:, cache.capacity:], key_positions, mask
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((width, width), bool)), (batch, width, width))
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, :]
-    return positions, mask
+    return positions, positions, mask
 
 
 def cached_keys_values(cache: KVCache | None, layer: int, keys: jax.Array,
                        values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The keys/values a layer attends to: the block written into its cache slots, or the block itself."""
+    """The keys/values [B, S', Hkv, D] a layer attends to: its cache slots followed by the block's own, or the
+    block alone. The cache is only read: the block goes in later (`KVCache.write`)."""
     if cache is None:
         return keys, values
-    return (write_block(cache.keys[layer], keys, cache.lengths),
-            write_block(cache.values[layer], values, cache.lengths))
+    cached_keys, cached_values = cache.keys[layer], cache.values[layer]
+    return (jnp.concatenate([cached_keys, keys.astype(cached_keys.dtype)], axis=1),
+            jnp.concatenate([cached_values, values.astype(cached_values.dtype)], axis=1))
 
 
-def advanced_cache(cache: KVCache | None, layer_keys: list, layer_values: list, width: int) -> KVCache | None:
-    """The cache after a K-token block: every layer's new buffers, cursors moved K slots forward."""
+def kv_block(cache: KVCache | None, layer_keys: list, layer_values: list) -> KVBlock | None:
+    """The block's own keys/values per layer, to write into the cache; None without a cache."""
     if cache is None:
         return None
-    return KVCache(keys=tuple(layer_keys), values=tuple(layer_values), lengths=cache.lengths + width)
+    return KVBlock(keys=tuple(layer_keys), values=tuple(layer_values))

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from bild_jax.cache import KVCache
-from bild_jax.models.layers import (RMSNorm, activation, advanced_cache, attention, cached_keys_values,
-                                    decoder_positions_and_mask, token_ids)
+from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
+                                    kv_block, token_ids)
 from bild_jax.models.family import ModelFamily
 from bild_jax.weights import hf_name_to_flax_path
 
@@ -137,7 +137,7 @@ class LlamaAttention(nn.Module):
         keys, values = cached_keys_values(cache, self.layer, k, v)
         out = attention(q, keys, values, mask, scale=cfg.head_dim ** -0.5)
         out = nn.Dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out.reshape(batch, width, -1))
-        return out, keys, values
+        return out, k, v
 
 
 class LlamaMLP(nn.Module):
@@ -168,9 +168,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder-only Llama-family transformer.
 
-    `__call__(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, cache)`:
-    with a cache, the K tokens are written at each row's `cache.lengths` and the returned cache has its
-    lengths moved K forward; without one, the K tokens are the whole sequence.
+    `__call__(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, block)`:
+    with a cache, the K tokens sit at each row's `cache.lengths`, attend the cache (only read) and return
+    their keys/values as a `KVBlock` to write in; without one, the K tokens are the whole sequence (block
+    None).
     """
 
     config: LlamaConfig
@@ -185,7 +186,7 @@ class LlamaForCausalLM(nn.Module):
                 f"{cfg.model_type} sliding-window attention (window {cfg.sliding_window}) is not implemented, and a "
                 f"context of {context} tokens would need it; use a cache of at most {cfg.sliding_window} slots")
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
-        positions, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
+        positions, _, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
         h = embed(tokens)
         layer_keys, layer_values = [], []
         for i in range(cfg.num_layers):
@@ -197,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
             logits = embed.attend(h)
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")(h)
-        return logits.astype(jnp.float32), advanced_cache(cache, layer_keys, layer_values, width)
+        return logits.astype(jnp.float32), kv_block(cache, layer_keys, layer_values)
 
 
 def init_cache(config: LlamaConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:

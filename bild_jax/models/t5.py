@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from bild_jax.cache import KVCache
+from bild_jax.cache import KVBlock, KVCache
 from bild_jax.models.family import ModelFamily
-from bild_jax.models.layers import (RMSNorm, activation, advanced_cache, attention, cached_keys_values,
-                                    decoder_positions_and_mask, token_ids)
+from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
+                                    kv_block, token_ids)
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("t5", "mt5")
@@ -110,6 +110,14 @@ class T5Cache:
         """The same cache with its self-attention cursors moved (truncation or commit); [B] int32."""
         return self.replace(self_attn=self.self_attn.with_lengths(lengths))
 
+    def write(self, block: KVBlock) -> "T5Cache":
+        """The self-attention block written at the cursors, which stay where they are."""
+        return self.replace(self_attn=self.self_attn.write(block))
+
+    def append(self, block: KVBlock) -> "T5Cache":
+        """The self-attention block written at the cursors, cursors moved past it."""
+        return self.replace(self_attn=self.self_attn.append(block))
+
 
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> jax.Array:
@@ -151,10 +159,11 @@ class T5Attention(nn.Module):
         shape = x.shape[:2] + (self.config.num_heads, self.config.d_kv)
         return self.k(x).reshape(shape), self.v(x).reshape(shape)
 
-    def position_bias(self, query_positions: jax.Array, num_keys: int) -> jax.Array:
-        """Additive bias [B, H, K, S] float32 for queries at query_positions [B, K] and keys at slots 0..S-1."""
+    def position_bias(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+        """Additive bias [B, H, K, S] float32 for queries at query_positions [B, K] and keys at key_positions
+        [B or 1, S] int32."""
         cfg = self.config
-        relative = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :] - query_positions[:, :, None]
+        relative = key_positions[:, None, :] - query_positions[:, :, None]
         buckets = relative_position_bucket(relative, self.bidirectional, cfg.relative_attention_num_buckets,
                                            cfg.relative_attention_max_distance)
         return self.relative_attention_bias(buckets).astype(jnp.float32).transpose(0, 3, 1, 2)
@@ -178,8 +187,9 @@ class T5LayerSelfAttention(nn.Module):
 
     def __call__(self, h, mask, bias, cache: KVCache | None, layer: int):
         normed = self.layer_norm(h)
-        keys, values = cached_keys_values(cache, layer, *self.SelfAttention.keys_values(normed))
-        return h + self.SelfAttention(normed, keys, values, mask, bias), keys, values
+        block_keys, block_values = self.SelfAttention.keys_values(normed)
+        keys, values = cached_keys_values(cache, layer, block_keys, block_values)
+        return h + self.SelfAttention(normed, keys, values, mask, bias), block_keys, block_values
 
 
 class T5LayerCrossAttention(nn.Module):
@@ -253,11 +263,12 @@ class T5Stack(nn.Module):
         pairs = [block.layer[1].EncDecAttention.keys_values(encoder_hidden) for block in self.block]
         return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
 
-    def __call__(self, h, positions, mask, cache: KVCache | None = None, cross_keys=(), cross_values=(),
-                 cross_mask=None):
-        """h [B, K, d_model] at positions [B, K], self-attention mask [B, K, S] -> (hidden, keys, values per layer)."""
+    def __call__(self, h, positions, key_positions, mask, cache: KVCache | None = None, cross_keys=(),
+                 cross_values=(), cross_mask=None):
+        """h [B, K, d_model] at positions [B, K], attending keys at key_positions [B or 1, S] under the
+        self-attention mask [B, K, S] -> (hidden, the block's own keys and values per layer)."""
         # The first block's bias table serves every block of the stack.
-        bias = self.block[0].layer[0].SelfAttention.position_bias(positions, mask.shape[-1])
+        bias = self.block[0].layer[0].SelfAttention.position_bias(positions, key_positions)
         layer_keys, layer_values = [], []
         for i, block in enumerate(self.block):
             cross = (cross_keys[i], cross_values[i], cross_mask) if self.is_decoder else ()
@@ -299,9 +310,9 @@ class T5ForConditionalGeneration(nn.Module):
         encoder_mask = _encoder_mask(input_ids, attention_mask)
         cross_keys, cross_values = self.decoder.cross_keys_values(self.encode(input_ids, encoder_mask))
         batch, width = decoder_input_ids.shape
-        positions, mask = decoder_positions_and_mask(batch, width, None)
-        h, _, _ = self.decoder(self.shared(decoder_input_ids), positions, mask, None, cross_keys, cross_values,
-                               _key_mask(encoder_mask, width))
+        positions, key_positions, mask = decoder_positions_and_mask(batch, width, None)
+        h, _, _ = self.decoder(self.shared(decoder_input_ids), positions, key_positions, mask, None, cross_keys,
+                               cross_values, _key_mask(encoder_mask, width))
         return self._logits(h)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -309,20 +320,21 @@ class T5ForConditionalGeneration(nn.Module):
         width = input_ids.shape[1]
         positions = jnp.arange(width, dtype=jnp.int32)[None, :]
         mask = _key_mask(_encoder_mask(input_ids, attention_mask), width)
-        h, _, _ = self.encoder(self.shared(input_ids), positions, mask)
+        h, _, _ = self.encoder(self.shared(input_ids), positions, positions, mask)
         return h
 
     def encoder_cross_keys_values(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
         """Runs the encoder once: per decoder layer, the cross-attention keys and values [B, T, H, D]."""
         return self.decoder.cross_keys_values(self.encode(input_ids, attention_mask))
 
-    def decode(self, tokens: jax.Array, cache: T5Cache) -> tuple[jax.Array, T5Cache]:
-        """tokens [B, K] int32 written at `cache.lengths` -> (logits [B, K, V] float32, cache moved K forward)."""
+    def decode(self, tokens: jax.Array, cache: T5Cache) -> tuple[jax.Array, KVBlock]:
+        """tokens [B, K] int32 at `cache.lengths` -> (logits [B, K, V] float32, their self-attention keys and
+        values to write in); the cache is only read."""
         batch, width = tokens.shape
-        positions, mask = decoder_positions_and_mask(batch, width, cache.self_attn)
-        h, keys, values = self.decoder(self.shared(tokens), positions, mask, cache.self_attn, cache.cross_keys,
-                                       cache.cross_values, _key_mask(cache.encoder_mask, width))
-        return self._logits(h), cache.replace(self_attn=advanced_cache(cache.self_attn, keys, values, width))
+        positions, key_positions, mask = decoder_positions_and_mask(batch, width, cache.self_attn)
+        h, keys, values = self.decoder(self.shared(tokens), positions, key_positions, mask, cache.self_attn,
+                                       cache.cross_keys, cache.cross_values, _key_mask(cache.encoder_mask, width))
+        return self._logits(h), kv_block(cache.self_attn, keys, values)
 
     def _logits(self, h):
         if self.config.scale_decoder_outputs:
