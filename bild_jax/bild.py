@@ -37,7 +37,7 @@ from jax import lax
 from bild_jax import policies
 from bild_jax.cache import KVBlock
 from bild_jax.generate import output_pad_id, prepare_inputs
-from bild_jax.model import Model
+from bild_jax.model import Model, for_decode_loop
 from bild_jax.prompts import decoder_capacity, eos_array, is_eos, prefill
 from bild_jax.rows import set_at, take_at, take_block
 from bild_jax.sampling import DRAFT, TOKEN, SamplingParams, check_rng, check_sampling, process_logits, row_keys, sample
@@ -133,8 +133,6 @@ class DecodeContext:
     large: Model
     policy: BiLDPolicy
     keys: jax.Array                                        # [B] PRNG keys, one stream per row
-    small_offset: jax.Array                                # [B] int32 small-cache slots before output token 0
-    large_offset: jax.Array                                # [B] int32 large-cache slots before output token 0
     max_new_tokens: int = struct.field(pytree_node=False)
     max_draft: int = struct.field(pytree_node=False)
 
@@ -159,7 +157,8 @@ class DecodeState:
     draft_logits: jax.Array
     done: jax.Array        # [B] bool
     counters: LoopCounters
-    small_offset: jax.Array  # [B] int32, as in DecodeContext: the cursors are offset + seen
+    # [B] int32 cache slots before output token 0: the prompt, or T5's decoder start token. Constant.
+    small_offset: jax.Array
     large_offset: jax.Array
 
     @property
@@ -213,7 +212,7 @@ def small_step(ctx: DecodeContext, state: DecodeState) -> tuple[DecodeState, jax
 
     logits, kv = lax.switch(jnp.int32(count.max() > 1), [feed(1), feed(2)], block, state.small_cache)
     small_cache = state.small_cache.write(kv).with_lengths(
-        jnp.where(live, ctx.small_offset + state.num_tokens, state.small_cache.lengths))
+        jnp.where(live, state.small_offset + state.num_tokens, state.small_cache.lengths))
     next_logits = process_logits(take_at(logits, jnp.clip(count - 1, 0, 1)), ctx.policy.sampling)   # [B, V]
     falls_back = policies.fallback(next_logits, ctx.policy.fallback_threshold)                        # [B]
     draft = ctx.draw(next_logits, state.num_tokens, DRAFT)                                            # [B]
@@ -241,8 +240,7 @@ def large_pass(ctx: DecodeContext, state: DecodeState, needs_large: jax.Array, t
     block = take_block(state.tokens, state.large_seen, count, width)                # [B, W]
     logits, kv = ctx.large.decode_block(block, state.large_cache)                   # [B, W, V]
     logits = process_logits(logits, ctx.policy.sampling)
-    no = jnp.zeros_like(takes_part)
-    rolls_back, index, replacement = no, jnp.zeros_like(count), logits[:, 0]
+    rolls_back, index, replacement = jnp.zeros_like(takes_part), jnp.zeros_like(count), logits[:, 0]
     if width > 1:  # a one-token block holds no draft to judge
         positions = state.large_seen[:, None] + 1 + jnp.arange(width - 1)[None, :]  # [B, W - 1] of the drafts
         verdict = lax.switch(ctx.policy.rule, policies.RULES, policies.Verification(
@@ -312,6 +310,9 @@ def decode_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
 
 def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array) -> DecodeState:
     """Prefills both caches and writes the large model's first token."""
+    def offset(model: Model) -> jax.Array:
+        return jnp.ones_like(prompt_lengths) if model.is_encoder_decoder else prompt_lengths
+
     batch, width = prompts.shape
     n = ctx.max_new_tokens
     _, small_cache = prefill(ctx.small, prompts, prompt_lengths, decoder_capacity(ctx.small, width, n + 2))
@@ -329,7 +330,7 @@ def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array
         done=is_eos(first, ctx.policy.eos_ids) | (n == 1),
         counters=LoopCounters(small_calls=zeros, large_calls=jnp.ones((batch,), jnp.int32), fallbacks=zeros,
                               rollbacks=zeros, rolled_back_tokens=zeros),
-        small_offset=ctx.small_offset, large_offset=ctx.large_offset)
+        small_offset=offset(ctx.small), large_offset=offset(ctx.large))
 
 
 def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: jax.Array, policy: BiLDPolicy,
@@ -341,12 +342,8 @@ def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: 
     `max_new_tokens`, `max_draft` and `pad_token_id` are static. `rng`: one PRNG key or [B] keys, one per
     row (`sampling.row_keys`); None uses a fixed key, fine for greedy decoding, which draws nothing.
     """
-    def offset(model: Model) -> jax.Array:
-        return jnp.ones_like(prompt_lengths) if model.is_encoder_decoder else prompt_lengths
-
-    ctx = DecodeContext(small=small, large=large, policy=policy, keys=row_keys(rng, prompts.shape[0]),
-                        small_offset=offset(small), large_offset=offset(large), max_new_tokens=max_new_tokens,
-                        max_draft=max_draft)
+    ctx = DecodeContext(small=for_decode_loop(small), large=for_decode_loop(large), policy=policy,
+                        keys=row_keys(rng, prompts.shape[0]), max_new_tokens=max_new_tokens, max_draft=max_draft)
     state = init_state(ctx, prompts, prompt_lengths)
     state = lax.while_loop(lambda s: ~s.done.all(), functools.partial(decode_step, ctx), state)
     return _output(state, max_new_tokens, policy.eos_ids, pad_token_id)

@@ -41,15 +41,16 @@ class KVBlock:
 class KVCache:
     """Self-attention cache of a decoder stack."""
 
-    keys: tuple[jax.Array, ...]    # num_layers x [B, S, Hkv, D]
-    values: tuple[jax.Array, ...]  # num_layers x [B, S, Hkv, D]
+    # Head-major, the layout attention's batched dots read without a transpose.
+    keys: tuple[jax.Array, ...]    # num_layers x [B, Hkv, S, D]
+    values: tuple[jax.Array, ...]  # num_layers x [B, Hkv, S, D]
     lengths: jax.Array             # [B] int32: valid slots per row == next write slot
 
     @classmethod
     def create(cls, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
                dtype=jnp.float32) -> "KVCache":
         """An empty cache: every row has length 0."""
-        shape = (batch, capacity, num_kv_heads, head_dim)
+        shape = (batch, num_kv_heads, capacity, head_dim)
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
@@ -58,16 +59,23 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
     def with_lengths(self, lengths: jax.Array) -> "KVCache":
         """The same cache with its write cursors moved (truncation or commit); [B] int32."""
         return self.replace(lengths=lengths.astype(jnp.int32))
 
-    def write(self, block: KVBlock) -> "KVCache":
-        """The block written at each row's cursor; the cursors stay where they are (the caller moves them)."""
-        return self.replace(keys=tuple(write_block(c, b, self.lengths) for c, b in zip(self.keys, block.keys)),
-                            values=tuple(write_block(c, b, self.lengths) for c, b in zip(self.values, block.values)))
+    def write(self, block: KVBlock, after: jax.Array | None = None) -> "KVCache":
+        """The block written at each row's cursor; the cursors stay where they are (the caller moves them).
+
+        `after` [B] int32 >= 0, when given, is a value computed from every read of this cache (a decode step's
+        next token): the write position is made to depend on it, which is how XLA learns to order the write
+        after the reads and update the buffers in place. Without that order (a read-only pass written outside
+        of any `lax.cond`/`lax.switch` that did the reading) XLA copies every layer's buffer on each step.
+        """
+        starts = self.lengths if after is None else self.lengths + jnp.minimum(after, 0)
+        return self.replace(keys=tuple(write_block(c, b, starts) for c, b in zip(self.keys, block.keys)),
+                            values=tuple(write_block(c, b, starts) for c, b in zip(self.values, block.values)))
 
     def append(self, block: KVBlock) -> "KVCache":
         """The block written at each row's cursor, cursors moved past it."""
@@ -75,16 +83,15 @@ class KVCache:
 
 
 def write_block(buffer: jax.Array, block: jax.Array, starts: jax.Array) -> jax.Array:
-    """Writes `block` [B, K, ...] into `buffer` [B, S, ...] at slot `starts[b]` of each row.
+    """Writes `block` [B, K, Hkv, D] into the head-major `buffer` [B, Hkv, S, D] at slot `starts[b]` of each row.
 
     `lax.dynamic_update_slice` clamps a start that would overflow, which would silently overwrite valid
     entries; callers size caches so that `starts + K <= S` always holds (`prompts.decoder_capacity`).
     """
     def write_row(row_buffer, row_block, start):
-        index = (start,) + (0,) * (row_buffer.ndim - 1)
-        return lax.dynamic_update_slice(row_buffer, row_block.astype(row_buffer.dtype), index)
+        return lax.dynamic_update_slice(row_buffer, row_block.astype(row_buffer.dtype), (0, start, 0))
 
-    return jax.vmap(write_row)(buffer, block, starts)
+    return jax.vmap(write_row)(buffer, jnp.swapaxes(block, 1, 2), starts)
 
 
 def attended_positions(lengths: jax.Array, capacity: int, block_width: int) -> tuple[jax.Array, jax.Array]:

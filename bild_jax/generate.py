@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from bild_jax.model import Model
+from bild_jax.model import Model, for_decode_loop
 from bild_jax.prompts import (check_positions, decoder_capacity, eos_array, is_eos, prefill,
                               prepare_prompts)
 from bild_jax.sampling import TOKEN, SamplingParams, check_rng, process_logits, row_keys, sample
@@ -44,6 +44,7 @@ def sample_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, e
     `position_keys(row_keys[b], t, TOKEN)`, the key BiLD's large model uses for a token it writes there.
     """
     batch = prompts.shape[0]
+    model = for_decode_loop(model)
     capacity = decoder_capacity(model, prompts.shape[1], max_new_tokens)
     first_logits, cache = prefill(model, prompts, prompt_lengths, capacity)
     keys = row_keys(rng, batch)
@@ -61,11 +62,12 @@ def sample_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, e
         tokens = state.tokens.at[:, state.step].set(jnp.where(live, token, pad_token_id))
         lengths = state.lengths + live
         done = state.done | is_eos(token, eos_ids) | (lengths >= max_new_tokens)
-        logits, cache = model.decode(token[:, None], state.cache)
+        logits, block = model.decode_block(token[:, None], state.cache)                    # [B, 1, V]
+        next_token = draw(logits[:, 0], state.step + 1)                                    # [B]
         # Finished rows keep their cursor so that they never write past their own slots.
-        cache = cache.with_lengths(jnp.where(live, cache.lengths, state.cache.lengths))
-        return GenerateState(cache=cache, next_token=draw(logits[:, 0], state.step + 1),
-                             tokens=tokens, lengths=lengths, done=done, step=state.step + 1)
+        cache = state.cache.write(block, after=next_token).with_lengths(state.cache.lengths + live)
+        return GenerateState(cache=cache, next_token=next_token, tokens=tokens, lengths=lengths, done=done,
+                             step=state.step + 1)
 
     state = GenerateState(
         cache=cache,

@@ -177,7 +177,7 @@ class ModelSharding:
 
     def constrain_cache(self, cache):
         """The cache (any family's) laid out on the mesh: every leaf is [B, ...] with rows over `batch_axis`
-        when it divides B; 4-D leaves are [B, S, heads, D] with heads over `heads_axis`."""
+        when it divides B; 4-D leaves are head-major [B, heads, S, D] with heads over `heads_axis`."""
         batch_size = _axis_size(self.mesh, self.batch_axis)
 
         def constrain(leaf):
@@ -185,7 +185,7 @@ class ModelSharding:
             if leaf.ndim and leaf.shape[0] % batch_size == 0:
                 dims[0] = self.batch_axis
             if leaf.ndim == 4:
-                dims[2] = self.heads_axis
+                dims[1] = self.heads_axis
             return jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, PartitionSpec(*dims)))
 
         return jax.tree_util.tree_map(constrain, cache)

@@ -62,9 +62,9 @@ def test_params_and_caches_are_split_as_the_rules_say(summary):
     llama, t5 = summary["llama"], summary["t5"]
     # 4 heads and 2 kv heads over 4-way model axis: q split, k/v (and the cache's heads) replicated.
     assert llama["2x4"]["params"] == {"heads": [None, "model"], "kv_heads": [None, None], "mlp": ["model", None]}
-    assert llama["2x4"]["cache_keys"] == ["data", None, None, None]
+    assert llama["2x4"]["cache_keys"] == ["data", None, None, None]  # [B, heads, S, D]
     assert llama["4x2"]["params"]["kv_heads"] == [None, "model"]
-    assert llama["4x2"]["cache_keys"] == ["data", None, "model", None]
+    assert llama["4x2"]["cache_keys"] == ["data", "model", None, None]
     assert llama["8x1"]["params"]["heads"] == [None, None]
     assert llama["8x1"]["cache_keys"] == ["data", None, None, None]
     assert t5["2x4"]["params"] == {"heads": ["model", None], "mlp": [None, "model"]}

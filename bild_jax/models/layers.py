@@ -7,6 +7,8 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from bild_jax.cache import KVBlock, KVCache, attended_positions
 
@@ -53,24 +55,44 @@ def token_ids(value) -> tuple:
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def attention(query: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
-              bias: jax.Array | None = None, scale: float = 1.0) -> jax.Array:
+def attention(query: jax.Array, keys, values, mask: jax.Array, bias: jax.Array | None = None,
+              scale: float = 1.0) -> jax.Array:
     """Grouped-query attention with scores and softmax in float32.
 
-    query [B, K, H, D]; keys, values [B, S, Hkv, D] with H a multiple of Hkv; mask [B, K, S] bool;
-    bias [B or 1, H, K, S] float or None. Returns [B, K, H, D] in the query's dtype.
+    query [B, K, H, D]; keys and values: head-major [B, Hkv, S, D] arrays (`head_major`), or tuples of such
+    segments attended as one sequence of S = sum of their lengths without concatenating them (a decode step
+    attends its cache, then its own block); H a multiple of Hkv; mask [B, K, S] bool; bias [B or 1, H, K, S]
+    float or None. Returns [B, K, H, D] in the query's dtype.
     """
+    keys = keys if isinstance(keys, tuple) else (keys,)
+    values = values if isinstance(values, tuple) else (values,)
     batch, width, heads, head_dim = query.shape
-    kv_heads = keys.shape[2]
+    kv_heads = keys[0].shape[1]
     groups = heads // kv_heads
-    grouped = query.reshape(batch, width, kv_heads, groups, head_dim)
-    scores = jnp.einsum("bkhgd,bshd->bhgks", grouped, keys, preferred_element_type=jnp.float32) * scale
+    # Queries as [B, Hkv, G*K, D]; keys and values stay the dots' big operands in their stored layout, so
+    # that XLA reads the cache in place instead of transposing it every step.
+    grouped = query.reshape(batch, width, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    grouped = grouped.reshape(batch, kv_heads, groups * width, head_dim)
+    batch_dims = ((0, 1), (0, 1))
+    scores = jnp.concatenate([lax.dot_general(k, grouped, (((3,), (3,)), batch_dims),
+                                              preferred_element_type=jnp.float32) for k in keys],
+                             axis=2) * scale                                            # [B, Hkv, S, G*K]
+    scores = scores.reshape(batch, kv_heads, -1, groups, width)                       # [B, Hkv, S, G, K]
     if bias is not None:
-        scores = scores + bias.reshape(bias.shape[0], kv_heads, groups, width, -1).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bhgks,bshd->bkhgd", probs, values)
+        bias = bias.reshape(bias.shape[0], kv_heads, groups, width, -1).transpose(0, 1, 4, 2, 3)
+        scores = scores + bias.astype(jnp.float32)
+    scores = jnp.where(jnp.swapaxes(mask, 1, 2)[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=2).astype(values[0].dtype).reshape(batch, kv_heads, -1, groups * width)
+    bounds = np.cumsum([0] + [v.shape[2] for v in values])
+    out = sum(lax.dot_general(probs[:, :, start:stop], v, (((2,), (2,)), batch_dims))
+              for v, start, stop in zip(values, bounds[:-1], bounds[1:]))            # [B, Hkv, G*K, D]
+    out = out.reshape(batch, kv_heads, groups, width, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, width, heads, head_dim)
+
+
+def head_major(x: jax.Array) -> jax.Array:
+    """[B, S, H, D] -> [B, H, S, D], the layout `attention` and the caches use."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 def decoder_positions_and_mask(batch: int, width: int, cache: KVCache | None, attention_mask: jax.Array | None = None
@@ -92,15 +114,16 @@ def decoder_positions_and_mask(batch: int, width: int, cache: KVCache | None, at
     return positions, positions, mask
 
 
-def cached_keys_values(cache: KVCache | None, layer: int, keys: jax.Array,
-                       values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The keys/values [B, S', Hkv, D] a layer attends to: its cache slots followed by the block's own, or the
-    block alone. The cache is only read: the block goes in later (`KVCache.write`)."""
+def cached_keys_values(cache: KVCache | None, layer: int, keys: jax.Array, values: jax.Array) -> tuple[tuple, tuple]:
+    """The key and value segments a layer attends to, for `attention`: its cache slots [B, Hkv, S, D], then
+    the block's own keys/values [B, K, Hkv, D] made head-major; or the block alone. The cache is only read:
+    the block goes in later (`KVCache.write`)."""
+    own_keys, own_values = head_major(keys), head_major(values)
     if cache is None:
-        return keys, values
+        return (own_keys,), (own_values,)
     cached_keys, cached_values = cache.keys[layer], cache.values[layer]
-    return (jnp.concatenate([cached_keys, keys.astype(cached_keys.dtype)], axis=1),
-            jnp.concatenate([cached_values, values.astype(cached_values.dtype)], axis=1))
+    return ((cached_keys, own_keys.astype(cached_keys.dtype)),
+            (cached_values, own_values.astype(cached_values.dtype)))
 
 
 def kv_block(cache: KVCache | None, layer_keys: list, layer_values: list) -> KVBlock | None:

@@ -13,7 +13,7 @@ from flax import struct
 from bild_jax.cache import KVBlock, KVCache
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    kv_block, token_ids)
+                                    head_major, kv_block, token_ids)
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("t5", "mt5")
@@ -94,8 +94,8 @@ class T5Cache:
     """Decoder cache: self-attention keys/values with per-row cursors, plus the encoder's cross-attention inputs."""
 
     self_attn: KVCache
-    cross_keys: tuple[jax.Array, ...]    # num_decoder_layers x [B, T_enc, H, D]
-    cross_values: tuple[jax.Array, ...]  # num_decoder_layers x [B, T_enc, H, D]
+    cross_keys: tuple[jax.Array, ...]    # num_decoder_layers x [B, H, T_enc, D], head-major as in KVCache
+    cross_values: tuple[jax.Array, ...]  # num_decoder_layers x [B, H, T_enc, D]
     encoder_mask: jax.Array              # [B, T_enc] bool: real (non-padding) encoder tokens
 
     @property
@@ -110,9 +110,9 @@ class T5Cache:
         """The same cache with its self-attention cursors moved (truncation or commit); [B] int32."""
         return self.replace(self_attn=self.self_attn.with_lengths(lengths))
 
-    def write(self, block: KVBlock) -> "T5Cache":
-        """The self-attention block written at the cursors, which stay where they are."""
-        return self.replace(self_attn=self.self_attn.write(block))
+    def write(self, block: KVBlock, after: jax.Array | None = None) -> "T5Cache":
+        """The self-attention block written at the cursors, which stay where they are (see `KVCache.write`)."""
+        return self.replace(self_attn=self.self_attn.write(block, after))
 
     def append(self, block: KVBlock) -> "T5Cache":
         """The self-attention block written at the cursors, cursors moved past it."""
@@ -259,9 +259,9 @@ class T5Stack(nn.Module):
         self.final_layer_norm = RMSNorm(cfg.layer_norm_epsilon)
 
     def cross_keys_values(self, encoder_hidden: jax.Array) -> tuple[tuple, tuple]:
-        """Per decoder layer, the cross-attention keys and values [B, T, H, D] of the encoder output."""
+        """Per decoder layer, the cross-attention keys and values [B, H, T, D] (head-major) of the encoder output."""
         pairs = [block.layer[1].EncDecAttention.keys_values(encoder_hidden) for block in self.block]
-        return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
+        return tuple(head_major(k) for k, _ in pairs), tuple(head_major(v) for _, v in pairs)
 
     def __call__(self, h, positions, key_positions, mask, cache: KVCache | None = None, cross_keys=(),
                  cross_values=(), cross_mask=None):
@@ -345,7 +345,7 @@ class T5ForConditionalGeneration(nn.Module):
 
 def init_cache(config: T5Config, batch: int, capacity: int, dtype=jnp.float32) -> T5Cache:
     """An empty [B, capacity] decoder cache; its cross-attention entries stay empty until `encode_into_cache`."""
-    empty = jnp.zeros((batch, 0, config.num_heads, config.d_kv), dtype)
+    empty = jnp.zeros((batch, config.num_heads, 0, config.d_kv), dtype)
     return T5Cache(
         self_attn=KVCache.create(config.num_decoder_layers, batch, capacity, config.num_heads, config.d_kv, dtype),
         cross_keys=(empty,) * config.num_decoder_layers,
