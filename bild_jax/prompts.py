@@ -21,8 +21,7 @@ def bucket_length(length: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
 
 
-def prepare_prompts(input_ids, attention_mask=None, vocab_size: int | None = None,
-                    bucket: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def prepare_prompts(input_ids, attention_mask=None, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Host-side: prompts -> (ids [B, T_bucket] int32 right-padded with 0, lengths [B] int32).
 
     `input_ids`: a list of token lists (ragged), or a [B, T] int array whose `attention_mask` [B, T] marks
@@ -35,9 +34,7 @@ def prepare_prompts(input_ids, attention_mask=None, vocab_size: int | None = Non
     if empty:
         raise ValueError(f"empty prompt in row(s) {empty}: every prompt needs at least one token")
     lengths = np.array([len(row) for row in rows], np.int32)
-    width = bucket or bucket_length(int(lengths.max()))
-    if width < lengths.max():
-        raise ValueError(f"prompt of {lengths.max()} tokens does not fit the bucket of {width}")
+    width = bucket_length(int(lengths.max()))
     ids = np.zeros((len(rows), width), np.int32)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = row
