@@ -22,12 +22,12 @@ Systems, all greedy, all given the same prompt ids:
 - Batch sizes: bild-jax greedy, BiLD and HF greedy at each --batch-sizes; HF assisted generation supports
   batch 1 only.
 
-Timing: every system first runs once over the prompts (compiling; the first call is reported apart as
-`first_call_s`, with `compile_s` = first call - a steady call), then --repeats passes over the prompts,
-systems interleaved within each repeat; the medians are reported. Prompts are cut to their last
---prompt-tokens tokens, so that all have one length and HF needs no padding. Tokens/s counts the tokens
-generated up to and including EOS. No GPU roofline here: on a GPU machine both sides run on it (JAX picks it
-up; `--torch-device cuda`), and `--device-info` shows what was found.
+Timing (`bild_jax.evaluation.run_systems`): every system first makes one call (compiling; reported apart as
+`first_call_s`, with `compile_s` = first call - the steady call on the same prompts), then --repeats passes
+over the prompts, the systems taking turns batch by batch; the medians over passes are reported. Prompts are
+cut to their last --prompt-tokens tokens, so that all have one length and HF needs no padding. Tokens/s counts
+the tokens generated up to and including EOS. No GPU roofline here: on a GPU machine both sides run on it (JAX
+picks it up; `--torch-device cuda`), and `--device-info` shows what was found.
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,23 +46,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
 
 import bild_jax  # noqa: E402
+from bild_jax.evaluation import Rows, System, SystemRun, exact_match, run_systems  # noqa: E402
 from bild_jax.hub import resolve_model_dir  # noqa: E402
-
-
-@dataclasses.dataclass
-class System:
-    """One way of generating, and its timings over the prompt set at one batch size."""
-
-    name: str
-    generate: Callable    # a batch of prompts -> a bild-jax output or HF's [B, N] token tensor
-    batch_size: int
-    first_call_s: float = 0.0
-    passes_s: list = dataclasses.field(default_factory=list)
-    outputs: list = dataclasses.field(default_factory=list)
-
-    @property
-    def median_s(self) -> float:
-        return harness.median(self.passes_s)
 
 
 def cut_at_eos(rows, eos_ids: set[int]) -> list[list[int]]:
@@ -122,22 +105,16 @@ class Pair:
             ids = torch.tensor(batch, dtype=torch.long, device=self.device)
             with torch.inference_mode():
                 out = large.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            if self.device.type == "cuda":  # the timing waits for the device, as it does for JAX
+                torch.cuda.synchronize()
             # Decoder-only outputs repeat the prompt; encoder-decoder ones start with the decoder start token.
             return out[:, 1:] if self.encoder_decoder else out[:, ids.shape[1]:]
 
         return generate
 
-    def timed(self, generate: Callable, batch) -> tuple[list[list[int]], float]:
-        """(generated ids per row cut after EOS, seconds), waiting for the device on both sides."""
-        start = time.perf_counter()
-        out = jax.block_until_ready(generate(batch))
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        if hasattr(out, "lengths"):  # a bild-jax output
-            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-            return [tokens[row, :n].tolist() for row, n in enumerate(lengths)], seconds
-        return cut_at_eos(out.cpu().numpy(), set(self.eos_ids)), seconds
+    def hf_rows(self, out) -> Rows:
+        """`Rows` of an HF generate function's [B, N] token tensor: each row cut after its first EOS."""
+        return Rows(cut_at_eos(out.cpu().numpy(), set(self.eos_ids)))
 
 
 def load_prompts(args, pair: Pair) -> tuple[list[list[int]], str]:
@@ -164,38 +141,12 @@ def load_prompts(args, pair: Pair) -> tuple[list[list[int]], str]:
     return prompts, str(source)
 
 
-def measure(systems: list[System], prompts: list[list[int]], pair: Pair, repeats: int) -> None:
-    """A first pass per system (compilation; its first call timed apart), then `repeats` interleaved passes."""
-    def one_pass(system: System) -> float:
-        total, outputs = 0.0, []
-        for start in range(0, len(prompts), system.batch_size):
-            rows, seconds = pair.timed(system.generate, prompts[start:start + system.batch_size])
-            if not system.first_call_s:
-                system.first_call_s = seconds
-            total += seconds
-            outputs += rows
-        system.outputs = outputs
-        return total
-
-    for system in systems:
-        one_pass(system)
-    for _ in range(repeats):
-        for system in systems:
-            system.passes_s.append(one_pass(system))
-
-
-def record(system: System, num_prompts: int) -> dict:
-    tokens = sum(len(o) for o in system.outputs)
-    calls = num_prompts // system.batch_size
-    return {"name": system.name, "batch_size": system.batch_size, "tokens": tokens,
-            "median_s": system.median_s, "passes_s": system.passes_s, "tokens_per_s": tokens / system.median_s,
-            "s_per_call": system.median_s / calls, "first_call_s": system.first_call_s,
-            "compile_s": max(system.first_call_s - system.median_s / calls, 0.0)}
-
-
-def agreement(a: System, b: System) -> float:
-    """Fraction of prompts whose outputs are identical."""
-    return float(np.mean([x == y for x, y in zip(a.outputs, b.outputs)]))
+def record(run: SystemRun, batch_size: int, num_prompts: int) -> dict:
+    """The JSON record of one system at one batch size: tokens, median pass seconds, speed, first call."""
+    calls = num_prompts // batch_size
+    return {"name": run.name, "batch_size": batch_size, "tokens": run.num_tokens, "median_s": run.seconds,
+            "passes_s": run.pass_seconds, "tokens_per_s": run.tokens_per_s, "s_per_call": run.seconds / calls,
+            "first_call_s": run.first_call_seconds, "compile_s": run.compile_seconds}
 
 
 def run(args) -> dict:
@@ -206,22 +157,21 @@ def run(args) -> dict:
     prompts, source = load_prompts(args, pair)
     by_batch = {}
     for batch_size in args.batch_sizes:
-        systems = {
-            "bild-jax greedy": System("bild-jax greedy", pair.jax_greedy(args.max_new_tokens), batch_size),
-            "HF greedy": System("HF greedy", pair.hf_generate(args.max_new_tokens), batch_size),
-            "bild-jax BiLD": System("bild-jax BiLD", pair.jax_bild(lossy), batch_size),
-        }
+        systems = [System("bild-jax greedy", pair.jax_greedy(args.max_new_tokens)),
+                   System("HF greedy", pair.hf_generate(args.max_new_tokens), pair.hf_rows),
+                   System("bild-jax BiLD", pair.jax_bild(lossy))]
         if batch_size == 1:
-            systems["bild-jax BiLD exact"] = System("bild-jax BiLD exact", pair.jax_bild(exact), 1)
-            systems["HF assisted"] = System("HF assisted", pair.hf_generate(args.max_new_tokens, lossy), 1)
+            systems += [System("bild-jax BiLD exact", pair.jax_bild(exact)),
+                        System("HF assisted", pair.hf_generate(args.max_new_tokens, lossy), pair.hf_rows)]
         used = prompts[:len(prompts) // batch_size * batch_size]
-        print(f"batch {batch_size}: {', '.join(systems)} on {len(used)} prompts", file=sys.stderr, flush=True)
-        measure(list(systems.values()), used, pair, args.repeats)
-        by_batch[batch_size] = (systems, len(used))
+        print(f"batch {batch_size}: {', '.join(s.name for s in systems)} on {len(used)} prompts", file=sys.stderr,
+              flush=True)
+        runs = run_systems(systems, used, batch_size=batch_size, repeats=args.repeats)
+        by_batch[batch_size] = ({run.name: run for run in runs}, len(used))
 
     results = {"prompts": source, "batches": {}, "comparisons": {}}
-    for batch_size, (systems, num_prompts) in by_batch.items():
-        records = {name: record(system, num_prompts) for name, system in systems.items()}
+    for batch_size, (runs, num_prompts) in by_batch.items():
+        records = {name: record(run, batch_size, num_prompts) for name, run in runs.items()}
         results["batches"][batch_size] = {
             "systems": records,
             "bild_speedup": records["bild-jax greedy"]["median_s"] / records["bild-jax BiLD"]["median_s"],
@@ -232,13 +182,13 @@ def run(args) -> dict:
         s = by_batch[1][0]
         results["comparisons"] = {
             "greedy_tokens_per_s_ratio": results["batches"][1]["greedy_vs_hf_tokens_per_s"],
-            "greedy_identical_to_hf": agreement(s["bild-jax greedy"], s["HF greedy"]),
-            "bild_vs_assisted_speed": s["HF assisted"].median_s / s["bild-jax BiLD"].median_s,
-            "bild_agrees_with_assisted": agreement(s["bild-jax BiLD"], s["HF assisted"]),
-            "bild_agrees_with_large": agreement(s["bild-jax BiLD"], s["bild-jax greedy"]),
-            "exact_vs_assisted_speed": s["HF assisted"].median_s / s["bild-jax BiLD exact"].median_s,
-            "exact_identical_to_assisted": agreement(s["bild-jax BiLD exact"], s["HF assisted"]),
-            "assisted_identical_to_hf_greedy": agreement(s["HF assisted"], s["HF greedy"]),
+            "greedy_identical_to_hf": exact_match(s["bild-jax greedy"], s["HF greedy"]),
+            "bild_vs_assisted_speed": s["HF assisted"].seconds / s["bild-jax BiLD"].seconds,
+            "bild_agrees_with_assisted": exact_match(s["bild-jax BiLD"], s["HF assisted"]),
+            "bild_agrees_with_large": exact_match(s["bild-jax BiLD"], s["bild-jax greedy"]),
+            "exact_vs_assisted_speed": s["HF assisted"].seconds / s["bild-jax BiLD exact"].seconds,
+            "exact_identical_to_assisted": exact_match(s["bild-jax BiLD exact"], s["HF assisted"]),
+            "assisted_identical_to_hf_greedy": exact_match(s["HF assisted"], s["HF greedy"]),
         }
         c = results["comparisons"]
         results["targets"] = {"greedy >= 2x HF greedy tokens/s": c["greedy_tokens_per_s_ratio"] >= 2.0,

@@ -1,4 +1,5 @@
-"""Shared pieces of `reproduce.py` and `bench.py`: machine description, timing, result files, Markdown."""
+"""Shared pieces of the experiment scripts: machine description, result files, Markdown. Timing lives in
+`bild_jax.evaluation`."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
+
+from bild_jax.evaluation import timed as timed_jax  # noqa: F401 (vs_llamacpp.py times with it)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -48,17 +50,6 @@ def machine_info() -> dict[str, Any]:
                                             "datasets", "sacrebleu", "rouge-score", "scikit-learn")},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def timed_jax(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """(result, seconds) of `fn()`, waiting for every JAX array of the result (dispatch is asynchronous)."""
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - start
-
-
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
 
 
 def write_results(data: dict, markdown: str, out_dir: Path, name: str) -> tuple[Path, Path]:

@@ -24,11 +24,11 @@ Results: `experiments/results/<name>.json` (every system's quality, timings and 
 `<name>.md` (Table 1 and one detail table per task).
 
 Method. Greedy decoding, `--batch-size` prompts per call (1 reproduces the paper). For every batch, all systems
-run one after the other (interleaved, so that machine-load drift hits them alike). On each new batch shape
-(batch size, prompt bucket) every system first runs once untimed; where that call compiled a program, its time
-less a steady call is reported as `compile_seconds`. Speedup is the large model's generation time over the system's.
-Tokenization, decoding to text and scoring are not timed. fallback_rate and rollback_rate are fallbacks and
-rollbacks per generated token.
+run one after the other (interleaved, so that machine-load drift hits them alike; `bild_jax.evaluation.run_systems`).
+On each new batch shape (batch size, prompt bucket) every system first runs once, timed apart; where that call
+compiled a program, its time less the steady call on the same batch is reported as `compile_seconds`. Speedup
+is the large model's generation time over the system's. Tokenization, decoding to text and scoring are not
+timed. fallback_rate and rollback_rate are fallbacks and rollbacks per generated token.
 
 Assumptions (the real run cannot be executed in the sandbox this was written in, which has no network):
 - Checkpoint names: the "Authors' Checkpoints" table of the official release, as listed in PAPER_PAIRS below.
@@ -65,8 +65,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
 
 import bild_jax  # noqa: E402
+from bild_jax import evaluation  # noqa: E402
 from bild_jax.hub import read_config, resolve_model_dir  # noqa: E402
-from bild_jax.prompts import bucket_length  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,21 +238,15 @@ def score(predictions: list[str], references: list[str], metric: str) -> dict[st
     return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0 for k in kinds}
 
 
-@dataclasses.dataclass
-class System:
-    """One decoding setup of a task and what it produced."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class System(evaluation.System):
+    """One decoding setup of a task: a `bild_jax.evaluation.System` with the labels of its record."""
 
-    name: str
     kind: str                       # "large", "small" or "bild"
-    generate: Callable              # list of prompts -> GenerateOutput / BiLDOutput
     program: tuple                  # what fixes the compiled program, besides the batch shape
     variant: str | None = None      # the small model: "unaligned" or "aligned"
     fallback: float | None = None
     rollback: float | None = None
-    outputs: list = dataclasses.field(default_factory=list)
-    seconds: float = 0.0
-    compile_seconds: float = 0.0
-    stats: dict = dataclasses.field(default_factory=dict)
 
 
 def _greedy(model, max_new_tokens: int) -> Callable:
@@ -263,67 +257,48 @@ def make_systems(models: dict, points: list[tuple[float, float]], max_new_tokens
     """Large alone, each small model alone, BiLD with each small model at each point."""
     large = models["large"]
     smalls = {variant: model for variant, model in models.items() if variant != "large"}
-    systems = [System("large", "large", _greedy(large, max_new_tokens), ("greedy", large.config))]
-    systems += [System(f"small ({variant})", "small", _greedy(small, max_new_tokens), ("greedy", small.config),
-                       variant) for variant, small in smalls.items()]
+    systems = [System(name="large", generate=_greedy(large, max_new_tokens), kind="large",
+                      program=("greedy", large.config))]
+    systems += [System(name=f"small ({variant})", generate=_greedy(small, max_new_tokens), kind="small",
+                       program=("greedy", small.config), variant=variant) for variant, small in smalls.items()]
     for (variant, small), (fallback, rollback) in itertools.product(smalls.items(), points):
         config = bild_jax.BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,
                                      max_new_tokens=max_new_tokens)
-        systems.append(System(f"BiLD ({variant}) FB={fallback:g} RB={rollback:g}", "bild",
-                              lambda p, s=small, c=config: bild_jax.bild_generate(s, large, p, c),
-                              ("bild", small.config, large.config, max_draft), variant, fallback, rollback))
+        systems.append(System(name=f"BiLD ({variant}) FB={fallback:g} RB={rollback:g}",
+                              generate=lambda p, s=small, c=config: bild_jax.bild_generate(s, large, p, c),
+                              kind="bild", program=("bild", small.config, large.config, max_draft), variant=variant,
+                              fallback=fallback, rollback=rollback))
     return systems
 
 
-def run_systems(systems: list[System], prompts: list[list[int]], batch_size: int, compiled: set) -> None:
-    """Runs every system on every batch, interleaved; fills outputs, seconds, compile_seconds and stats.
-
-    Each system runs once untimed on each new batch shape, so that no timed call pays for compilation or
-    first-run setup. `compiled` holds the (program, batch shape) pairs compiled so far in this process (they
-    carry over between tasks); the untimed call of a new one counts as compile time, less a steady call.
-    """
-    warmed = set()
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        shape = (len(batch), bucket_length(max(len(p) for p in batch)))
-        for index, system in enumerate(systems):
-            first, compiles = None, (system.program, shape) not in compiled
-            if (index, shape) not in warmed:
-                _, first = harness.timed_jax(lambda: system.generate(batch))
-                warmed.add((index, shape))
-                compiled.add((system.program, shape))
-            out, seconds = harness.timed_jax(lambda: system.generate(batch))
-            if first is not None and compiles:
-                system.compile_seconds += max(first - seconds, 0.0)
-            system.seconds += seconds
-            lengths = np.asarray(out.lengths)
-            tokens = np.asarray(out.tokens)
-            system.outputs += [tokens[row, :n].tolist() for row, n in enumerate(lengths)]
-            if system.kind == "bild":
-                for key, value in dataclasses.asdict(out.stats).items():
-                    system.stats[key] = system.stats.get(key, 0) + int(np.asarray(value).sum())
+def new_compile_seconds(system: System, run: evaluation.SystemRun, compiled: set) -> float:
+    """The compile time of `run`'s first calls whose (program, batch shape) no earlier system compiled in this
+    process; `compiled` holds those pairs (they carry over between tasks) and gains the run's."""
+    seconds = sum(call.compile_seconds for shape, call in run.first_calls.items()
+                  if (system.program, shape) not in compiled)
+    compiled.update((system.program, shape) for shape in run.first_calls)
+    return seconds
 
 
-def summarize(system: System, large: System, task: Task, tokenizer, references: list[str]) -> dict:
+def record(system: System, run: evaluation.SystemRun, large: evaluation.SystemRun, compile_seconds: float,
+           task: Task, tokenizer, references: list[str]) -> dict:
     """The JSON record of one system: quality, agreement with the large model, speed, BiLD counters."""
-    predictions = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in system.outputs]
+    predictions = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in run.outputs]
     metrics = score(predictions, references, task.metric)
-    tokens = sum(len(o) for o in system.outputs)
-    record = {
-        "name": system.name, "kind": system.kind, "variant": system.variant,
+    result = {
+        "name": run.name, "kind": system.kind, "variant": system.variant,
         "fallback_threshold": system.fallback, "rollback_threshold": system.rollback,
         "quality": metrics[task.metric], "metrics": metrics,
-        "exact_match_with_large": float(np.mean([o == b for o, b in zip(system.outputs, large.outputs)])),
-        "seconds": system.seconds, "compile_seconds": system.compile_seconds,
-        "speedup": large.seconds / system.seconds, "tokens": tokens, "tokens_per_second": tokens / system.seconds,
+        "exact_match_with_large": evaluation.exact_match(run, large),
+        "seconds": run.seconds, "compile_seconds": compile_seconds,
+        "speedup": large.seconds / run.seconds, "tokens": run.num_tokens, "tokens_per_second": run.tokens_per_s,
         "sample": predictions[0] if predictions else "",
     }
-    if system.stats:
-        per_token = max(tokens, 1)
-        record.update(stats=system.stats, fallback_rate=system.stats["fallbacks"] / per_token,
-                      rollback_rate=system.stats["rollbacks"] / per_token,
-                      small_token_share=system.stats["small_tokens"] / per_token)
-    return record
+    if run.stats:
+        rates = evaluation.per_token(run)
+        result.update(stats=run.stats, fallback_rate=rates["fallbacks"], rollback_rate=rates["rollbacks"],
+                      small_token_share=rates["small_tokens"])
+    return result
 
 
 def pick_points(records: list[dict]) -> dict[str, str | None]:
@@ -361,9 +336,11 @@ def run_task(task: Task, pair: Pair, args, compiled: set) -> dict:
     points = list(itertools.product(SWEEP_FALLBACKS, SWEEP_ROLLBACKS)) if args.sweep else args.points
     systems = make_systems(models, points, max_new_tokens, args.max_draft)
     print(f"{task.name}: {len(examples)} examples, {len(systems)} systems", file=sys.stderr, flush=True)
-    run_systems(systems, [e.prompt for e in examples], args.batch_size, compiled)
+    runs = evaluation.run_systems(systems, [e.prompt for e in examples], batch_size=args.batch_size,
+                                  batch_shape=evaluation.padded_shape)
     references = [e.reference for e in examples]
-    records = [summarize(s, systems[0], task, tokenizer, references) for s in systems]
+    records = [record(s, run, runs[0], new_compile_seconds(s, run, compiled), task, tokenizer, references)
+               for s, run in zip(systems, runs)]
     return {
         "title": task.title, "metric": task.metric, "dataset": task.dataset if args.data_dir is None else
         str(args.data_dir / task.name), "split": args.split or task.split, "num_examples": len(examples),
