@@ -16,9 +16,10 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
-def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True, max_new_tokens: int = 64) -> None:
+def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True, max_new_tokens: int = 64,
+                        small: str = "bundled:small") -> None:
     defaults = bild_jax.BiLDConfig()
-    parser.add_argument("--small", default="bundled:small",
+    parser.add_argument("--small", default=small,
                         help="small model: HF-format directory, hub id or bundled:NAME (default %(default)s)")
     parser.add_argument("--large", default="bundled:large",
                         help="large model: HF-format directory, hub id or bundled:NAME (default %(default)s)")
@@ -70,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--fallbacks", type=_floats, default=[0.3, 0.5, 0.7, 0.9], help="(default 0.3,0.5,0.7,0.9)")
     sweep.add_argument("--rollbacks", type=_floats, default=[1.0, 2.0, 3.0, 5.0], help="(default 1,2,3,5)")
     sweep.add_argument("--out", type=Path, default=Path("sweep"), help="output directory (default %(default)s)")
+
+    bench = commands.add_parser("bench", help="JAX-only benchmark on this machine's backend: step costs, bandwidth "
+                                              "utilization, end-to-end speed")
+    _add_pair_arguments(bench, max_new_tokens=48, small="bundled:small-aligned")
+    bench.add_argument("--shape", help="random-weight Llama models of real sizes instead of --small/--large: "
+                                       "llama-1b, llama-3b, llama-8b or tiny")
+    bench.add_argument("--dtype", help="float32 or bfloat16 (default: float32 for checkpoints, bfloat16 for shapes)")
+    bench.add_argument("--num-prompts", type=int, default=16, help="(default %(default)s)")
+    bench.add_argument("--batch-sizes", default="", help="also measure throughput at these batch sizes, e.g. 1,4,16")
+    bench.add_argument("--prompts-file", type=Path,
+                       help="demo-format JSON of prompt ids; default: the bundled held-out prompts for a bundled "
+                            "pair, else random ids")
+    bench.add_argument("--json", help="write the record as JSON to this file, or '-': print it instead of the tables")
     return parser
 
 
@@ -156,6 +170,35 @@ def run_sweep(args) -> None:
     print(f"wrote {result['csv']} and {result['png']}")
 
 
+def run_bench(args) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from bild_jax.bench import DEFAULT_LARGE, DEFAULT_SMALL, print_report, run_bench as bench
+
+    if args.shape is not None and (args.small, args.large) != (DEFAULT_SMALL, DEFAULT_LARGE):
+        raise UsageError("--shape makes both models; drop --small/--large")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes expects comma-separated ints, got {args.batch_sizes!r}") from None
+    settings = dict(small=args.small, large=args.large, shape=args.shape, dtype=args.dtype, fallback=args.fallback,
+                    rollback=args.rollback, max_draft=args.max_draft, num_prompts=args.num_prompts,
+                    max_new_tokens=args.max_new_tokens, batch_sizes=batch_sizes, prompts_file=args.prompts_file)
+    stderr = Console(stderr=True)
+    if stderr.is_terminal:
+        with Progress(console=stderr, transient=True) as progress:
+            result = bench(**settings, progress=progress)
+    else:
+        result = bench(**settings)
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+        return
+    print_report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -163,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        {"generate": run_generate, "demo": run_demo, "sweep": run_sweep}[args.command](args)
+        {"generate": run_generate, "demo": run_demo, "sweep": run_sweep, "bench": run_bench}[args.command](args)
     except (UsageError, ValueError, OSError, NotImplementedError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"bild-jax {args.command}: error: {message}", file=sys.stderr)

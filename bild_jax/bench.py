@@ -1,0 +1,557 @@
+"""`bild-jax bench`: what decoding costs on the machine at hand, measured with JAX alone (CPU, GPU or TPU).
+
+For a small/large pair (checkpoints, or random-weight Llama models of real sizes with `shape`):
+- per model: parameters, weight bytes, the cost of a one-token decode step and of a (max_draft + 1)-token
+  verification block, each timed as a jitted `lax.fori_loop` of `model.decode` calls on a half-full cache;
+  the model bandwidth utilization: bytes read per step / step time, against the copy bandwidth of the
+  device measured by the same run;
+- end to end at batch 1: large and small greedy decoding, BiLD, BiLD exact, and the loop overhead factor
+  (BiLD handing every token to the large model, per token, over large + small greedy per token), the
+  systems taking turns prompt by prompt after a first, compiling call;
+- optionally greedy and BiLD throughput at several batch sizes.
+
+`run_bench` returns all of it as one JSON-ready dict and `print_report` prints it as tables. Every system
+generates exactly `max_new_tokens` tokens (EOS is ignored), so that all do the same work per prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax import lax
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+import bild_jax
+from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.demo import DEMO_PROMPTS, load_demo_prompts
+from bild_jax.evaluation import run_systems
+from bild_jax.generate import greedy_generate
+from bild_jax.hub import BUNDLED_PREFIX, load_model
+from bild_jax.model import Model, for_decode_loop
+from bild_jax.models.llama import LlamaConfig
+
+DEFAULT_SMALL = "bundled:small-aligned"
+DEFAULT_LARGE = "bundled:large"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+STEP_LOOP = 32               # decode calls per timed loop
+STEP_REPEATS = 5             # interleaved timed loops per step cost; the median is reported
+COPY_REPEATS = 10
+RANDOM_PROMPT_TOKENS = 64    # prompt length when no prompt set is given (the bundled prompts' length)
+NO_EOS = ()                  # every system generates exactly max_new_tokens tokens
+
+
+def _copy_buffer_bytes(platform: str) -> int:
+    """A buffer far larger than the last-level cache: 256 MiB on CPUs, 1 GiB on accelerators."""
+    return (256 if platform == "cpu" else 1024) << 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random-weight Llama models of real sizes
+
+_LLAMA_32_ROPE = (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                  ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+_LLAMA_31_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                  ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+
+
+def _llama(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+           vocab: int = 128256, tied: bool = True, rope: tuple = _LLAMA_32_ROPE,
+           max_positions: int = 131072) -> LlamaConfig:
+    return LlamaConfig(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                       num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=rope, max_positions=max_positions,
+                       tie_word_embeddings=tied)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A random-weight pair for `--shape`: the large model has a released model's dimensions, the small one
+    is a narrower, shallower Llama with the same vocabulary (about 10-15x fewer bytes read per step)."""
+
+    large: LlamaConfig
+    small: LlamaConfig
+    about: str
+
+
+SHAPES: dict[str, Shape] = {
+    # Llama 3.2 1B (1.24B parameters) / 4 layers x 768 (133M, 9.3x fewer).
+    "llama-1b": Shape(_llama(2048, 16, 32, 8, 64, 8192), _llama(768, 4, 12, 4, 64, 3072),
+                      "Llama 3.2 1B dims / small 4 layers x 768"),
+    # Llama 3.2 3B (3.21B) / 8 layers x 1024 (257M, 12.5x fewer).
+    "llama-3b": Shape(_llama(3072, 28, 24, 8, 128, 8192), _llama(1024, 8, 16, 8, 64, 4096),
+                      "Llama 3.2 3B dims / small 8 layers x 1024"),
+    # Llama 3.1 8B (8.03B, untied; a step reads 7.5B of them) / 6 layers x 2048 (628M, 12x fewer).
+    "llama-8b": Shape(_llama(4096, 32, 32, 8, 128, 14336, tied=False, rope=_LLAMA_31_ROPE),
+                      _llama(2048, 6, 32, 8, 64, 8192, rope=_LLAMA_31_ROPE),
+                      "Llama 3.1 8B dims / small 6 layers x 2048"),
+    # For tests: milliseconds per step.
+    "tiny": Shape(_llama(64, 2, 4, 2, 16, 128, vocab=512, rope=(("rope_type", "default"),), max_positions=4096),
+                  _llama(32, 1, 2, 1, 16, 64, vocab=512, rope=(("rope_type", "default"),), max_positions=4096),
+                  "2 layers x 64 / small 1 layer x 32, vocabulary 512"),
+}
+
+
+def random_model(config, dtype=jnp.bfloat16, seed: int = 0) -> Model:
+    """A decoder-only `Model` of `config` with random params in `dtype`, made on the default device by one
+    jitted program (no float32 copy of the model): weight matrices N(0, 0.02^2), vectors (norm weights)
+    ones. Costs depend on shapes only, so this stands in for a checkpoint of the same dimensions."""
+    module = Model(config=config, params=None).module
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    flat = traverse_util.flatten_dict(shapes)
+
+    def init(key: jax.Array) -> dict:
+        return {path: jnp.ones(leaf.shape, dtype) if len(leaf.shape) == 1
+                else 0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, dtype)
+                for i, (path, leaf) in enumerate(flat.items())}
+
+    return Model(config=config, params=traverse_util.unflatten_dict(jax.jit(init)(jax.random.key(seed))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode-step costs and bandwidth
+
+def weight_bytes_per_step(model: Model) -> int:
+    """Bytes of params one decode step reads: every weight, except that an embedding table used only for
+    lookups (not as the output head) is read one row per token, and an encoder (run once per prompt) not
+    at all. Works on abstract params (`jax.eval_shape`) too."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    total = 0
+    for path, leaf in traverse_util.flatten_dict(model.params).items():
+        if path[0] == "encoder":
+            continue
+        lookup_only = path[-1] == "embedding" and path[0] != "lm_head" \
+            and not (tied and leaf.shape[0] == model.vocab_size)
+        total += (leaf.shape[-1] if lookup_only else leaf.size) * leaf.dtype.itemsize
+    return total
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of a decode cache: attention reads every slot of its fixed-shape buffers at each step."""
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
+
+
+@functools.partial(jax.jit, static_argnames=("loop",))
+def _decode_loop(model: Model, tokens: jax.Array, cache, loop: int) -> jax.Array:
+    """`loop` calls of `model.decode(tokens [B, K] int32, cache)`, each from the cache's starting cursors;
+    returns the [B, 1] int32 token fed back by the last call."""
+    lengths = cache.lengths
+
+    def body(_, carry):
+        cache, feedback = carry
+        logits, cache = model.decode(tokens + feedback, cache)
+        # A token derived from every row of the logits feeds the next call, so that XLA can neither hoist
+        # work out of the loop nor drop the logits of the block's other tokens.
+        return cache.with_lengths(lengths), jnp.argmax(logits.max(axis=1), -1)[:, None].astype(jnp.int32) % 2
+
+    return lax.fori_loop(0, loop, body, (cache, jnp.zeros((tokens.shape[0], 1), jnp.int32)))[1]
+
+
+def _half_full_cache(model: Model, capacity: int, width: int, context: Sequence[int]):
+    """A batch-1 cache of `capacity` slots, its cursor at half (leaving room for `width` tokens); an
+    encoder-decoder model encodes `context` first. Attention reads every slot whatever they hold, so the
+    slots stay zero."""
+    encoder = {}
+    if model.is_encoder_decoder:
+        ids = jnp.asarray([context], jnp.int32)
+        encoder = dict(encoder_input_ids=ids, encoder_mask=jnp.ones(ids.shape, bool))
+    cache = model.start_cache(1, capacity, **encoder)
+    return cache.with_lengths(jnp.full((1,), min(capacity // 2, capacity - width), jnp.int32))
+
+
+def _loop_timer(model: Model, width: int, capacity: int, context: Sequence[int], loop: int
+                ) -> tuple[Callable[[], float], int]:
+    """(run, cache bytes): `run()` times one jitted loop of `loop` decode calls of a [1, width] block on a
+    half-full cache of `capacity` slots and returns seconds per call (its first call compiles)."""
+    cache = _half_full_cache(model, capacity, width, context)
+    tokens = jnp.ones((1, width), jnp.int32)
+
+    def run() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(_decode_loop(model, tokens, cache, loop))
+        return (time.perf_counter() - start) / loop
+
+    return run, cache_bytes(cache)
+
+
+def copy_bandwidth(nbytes: int, repeats: int = COPY_REPEATS, on_call: Callable[[], None] = lambda: None) -> float:
+    """Bytes per second of the default device's memory: an elementwise in-place update (read + write) of a
+    float32 buffer of `nbytes`, donated so that no call allocates; the median of `repeats` calls after one
+    compiling call."""
+    update = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+    buffer = jax.block_until_ready(update(jnp.zeros((nbytes // 4,), jnp.float32)))
+    on_call()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer = jax.block_until_ready(update(buffer))
+        seconds.append(time.perf_counter() - start)
+        on_call()
+    return 2 * buffer.nbytes / float(np.median(seconds))
+
+
+def step_costs(models: dict[str, Model], width: int, capacity: int, context: Sequence[int],
+               loop: int = STEP_LOOP, repeats: int = STEP_REPEATS, on_call: Callable[[], None] = lambda: None
+               ) -> dict[str, dict]:
+    """Per model: ms per one-token decode step and per [1, width] block, the median of `repeats` timed loops
+    (all timers interleaved, after one compiling call each), with the bytes one step reads (weights as the
+    decode loops hold them, plus the cache of `capacity` slots)."""
+    decoded = {name: for_decode_loop(model) for name, model in models.items()}
+    timers = {(name, w): _loop_timer(model, w, capacity, context, loop)
+              for name, model in decoded.items() for w in (1, width)}
+    samples = {key: [] for key in timers}
+    for round_ in range(repeats + 1):
+        for key, (run, _) in timers.items():
+            seconds = run()
+            if round_:  # round 0 compiles
+                samples[key].append(seconds)
+            on_call()
+    costs = {}
+    for name, model in decoded.items():
+        step_ms, block_ms = (1000 * float(np.median(samples[name, w])) for w in (1, width))
+        costs[name] = dict(step_ms=step_ms, block_ms=block_ms, block_over_step=block_ms / step_ms,
+                           bytes_per_step=weight_bytes_per_step(model) + timers[name, 1][1],
+                           compute_dtype=str(model.dtype))
+    return costs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end
+
+@dataclasses.dataclass
+class _Calls:
+    """A generate function that records the wall time and generated tokens of each of its calls."""
+
+    generate: Callable
+    seconds: list = dataclasses.field(default_factory=list)
+    tokens: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, prompts):
+        start = time.perf_counter()
+        out = jax.block_until_ready(self.generate(prompts))
+        self.seconds.append(time.perf_counter() - start)
+        self.tokens.append(int(np.asarray(out.lengths).sum()))
+        return out
+
+    @property
+    def steady_seconds(self) -> float:
+        return sum(self.seconds[1:])
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.tokens[1:]) / self.steady_seconds
+
+    @property
+    def median_ms_per_token(self) -> float:
+        return 1000 * float(np.median([s / t for s, t in zip(self.seconds[1:], self.tokens[1:])]))
+
+    @property
+    def compile_s(self) -> float:
+        """The first call less the first steady call, which runs the same input (see `run_systems`)."""
+        return max(self.seconds[0] - self.seconds[1], 0.0)
+
+
+def _take_turns(systems: dict[str, Callable], items: Sequence, on_call: Callable) -> dict[str, tuple[_Calls, dict]]:
+    """Runs the systems on `items` with `run_systems` (one compiling call each, then turns item by item):
+    {name: (the recorded calls, the BiLD counters summed over items, empty for greedy)}."""
+    calls = {name: _Calls(generate) for name, generate in systems.items()}
+    runs = run_systems(list(calls.items()), items, on_call=lambda _: on_call())
+    return {run.name: (calls[run.name], run.stats) for run in runs}
+
+
+def _bild_systems(config: BiLDConfig, with_acceptance: bool) -> dict[str, BiLDConfig]:
+    """BiLD settings per system name; 'BiLD all-large' hands every token to the large model (the loop's own
+    cost). Without meaningful acceptance (random weights), only that one."""
+    all_large = dataclasses.replace(config, fallback_threshold=1.0, rollback_threshold=math.inf, exact=False)
+    systems = {"BiLD": config, "BiLD exact": dataclasses.replace(config, exact=True)} if with_acceptance else {}
+    return {**systems, "BiLD all-large": all_large}
+
+
+def end_to_end(small: Model, large: Model, prompts: Sequence[Sequence[int]], config: BiLDConfig,
+               with_acceptance: bool = True, on_call: Callable[[], None] = lambda: None) -> dict:
+    """Batch 1 on each prompt (lists of token ids), every system generating `config.max_new_tokens` tokens:
+    {"systems": [{name, tokens_per_s, ms_per_token (median over prompts), speedup (vs large greedy, total
+    time), compile_s, and for BiLD large_token_share, large_calls_per_token}], "loop_overhead": BiLD
+    all-large ms per token / (large + small greedy ms per token), medians over prompts}."""
+    n = config.max_new_tokens
+    systems = {"large greedy": lambda p: greedy_generate(large, p, n, eos_token_id=NO_EOS),
+               "small greedy": lambda p: greedy_generate(small, p, n, eos_token_id=NO_EOS)}
+    bild = _bild_systems(config, with_acceptance)
+    systems.update({name: functools.partial(bild_generate, small, large, config=c) for name, c in bild.items()})
+    results = _take_turns(systems, prompts, on_call)
+    baseline = results["large greedy"][0].steady_seconds
+    rows = []
+    for name, (calls, stats) in results.items():
+        row = dict(system=name, tokens_per_s=calls.tokens_per_s, ms_per_token=calls.median_ms_per_token,
+                   speedup=baseline / calls.steady_seconds, compile_s=calls.compile_s)
+        if stats:
+            tokens = stats["small_tokens"] + stats["large_tokens"]
+            row.update(large_token_share=stats["large_tokens"] / tokens,
+                       large_calls_per_token=stats["large_calls"] / tokens)
+        rows.append(row)
+    per_token = {name: calls.median_ms_per_token for name, (calls, _) in results.items()}
+    overhead = per_token["BiLD all-large"] / (per_token["large greedy"] + per_token["small greedy"])
+    return {"systems": rows, "loop_overhead": overhead}
+
+
+def _batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[list[int]]]:
+    """Prompts cut to their last `min length` tokens (rows align), cycled into ceil(P / batch_size) batches."""
+    length = min(len(p) for p in prompts)
+    rows = [list(p[len(p) - length:]) for p in prompts]
+    count = math.ceil(len(rows) / batch_size)
+    return [[rows[(b * batch_size + i) % len(rows)] for i in range(batch_size)] for b in range(count)]
+
+
+def batch_throughput(small: Model, large: Model, prompts: Sequence[Sequence[int]], config: BiLDConfig,
+                     batch_size: int, with_bild: bool = True, on_call: Callable[[], None] = lambda: None) -> dict:
+    """Large greedy (and BiLD) tokens/s at `batch_size` rows per call, over `_batches(prompts, batch_size)`:
+    {batch, greedy_tokens_per_s, bild_tokens_per_s, bild_speedup}."""
+    n = config.max_new_tokens
+    # run_systems hands each item to a system as a one-element list: here the item is a whole batch.
+    systems = {"greedy": lambda item: greedy_generate(large, item[0], n, eos_token_id=NO_EOS)}
+    if with_bild:
+        systems["BiLD"] = lambda item: bild_generate(small, large, item[0], config)
+    results = _take_turns(systems, _batches(prompts, batch_size), on_call)
+    row = dict(batch=batch_size, greedy_tokens_per_s=results["greedy"][0].tokens_per_s)
+    if with_bild:
+        row.update(bild_tokens_per_s=results["BiLD"][0].tokens_per_s,
+                   bild_speedup=results["greedy"][0].steady_seconds / results["BiLD"][0].steady_seconds)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole bench
+
+class _Tracker:
+    """Advances a rich Progress bar (or nothing, without one)."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+        self.task = progress.add_task("loading models", total=None) if progress else None
+
+    def stage(self, description: str, total: int | None = None) -> None:
+        if self.progress:
+            self.progress.update(self.task, description=description,
+                                 **({"total": total, "completed": 0} if total is not None else {}))
+
+    def advance(self) -> None:
+        if self.progress:
+            self.progress.advance(self.task)
+
+
+def check_settings(shape: str | None, dtype: str | None, num_prompts: int, max_new_tokens: int, max_draft: int,
+                   fallback: float, rollback: float, batch_sizes: Sequence[int], prompts_file: Path | None
+                   ) -> BiLDConfig:
+    """The BiLD config of the settings; ValueError (FileNotFoundError for the prompts) naming the first bad
+    one."""
+    if shape is not None and shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    if prompts_file is not None and not Path(prompts_file).is_file():
+        raise FileNotFoundError(f"no prompts file at {prompts_file}")
+    return BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,
+                      max_new_tokens=max_new_tokens, eos_token_id=NO_EOS)
+
+
+def _describe(model: Model, source: str) -> dict:
+    leaves = jax.tree_util.tree_leaves(model.params)
+    return dict(source=source, model_type=model.config.model_type, dtype=str(model.dtype),
+                params=sum(x.size for x in leaves), weight_bytes=sum(x.nbytes for x in leaves))
+
+
+def _pair(small, large, shape: str | None, dtype: str | None) -> tuple[dict[str, Model], dict[str, str]]:
+    """({"small": Model, "large": Model}, where each comes from) for `run_bench`'s arguments."""
+    if shape is not None:
+        dtype = DTYPES[dtype or "bfloat16"]
+        return ({"small": random_model(SHAPES[shape].small, dtype, seed=1),
+                 "large": random_model(SHAPES[shape].large, dtype, seed=0)},
+                {"small": f"shape:{shape} small", "large": f"shape:{shape}"})
+    given = {"small": small, "large": large}
+    models = {name: m if isinstance(m, Model) else load_model(m, DTYPES[dtype or "float32"])
+              for name, m in given.items()}
+    sources = {name: f"{m.config.model_type} model in memory" if isinstance(m, Model) else str(m)
+               for name, m in given.items()}
+    return models, sources
+
+
+def _prompts(prompts_file: Path | None, bundled: bool, num_prompts: int, vocab_size: int) -> tuple[list, str]:
+    """(prompts as lists of token ids, where they come from)."""
+    if prompts_file is not None:
+        return [s["prompt"] for s in load_demo_prompts(prompts_file, num_prompts)], str(prompts_file)
+    if bundled:
+        return [s["prompt"] for s in load_demo_prompts(DEMO_PROMPTS, num_prompts)], "bundled held-out"
+    rng = np.random.default_rng(0)
+    return rng.integers(0, vocab_size, (num_prompts, RANDOM_PROMPT_TOKENS)).tolist(), "random"
+
+
+def _finite(value: float) -> float | str:
+    """JSON has no infinity."""
+    return value if math.isfinite(value) else str(value)
+
+
+def run_bench(small: str | Path | Model = DEFAULT_SMALL, large: str | Path | Model = DEFAULT_LARGE,
+              shape: str | None = None, dtype: str | None = None, fallback: float = BiLDConfig.fallback_threshold,
+              rollback: float = BiLDConfig.rollback_threshold, max_draft: int = BiLDConfig.max_draft,
+              num_prompts: int = 16, max_new_tokens: int = 48, batch_sizes: Sequence[int] = (),
+              prompts_file: Path | None = None, step_loop: int = STEP_LOOP, step_repeats: int = STEP_REPEATS,
+              progress: Progress | None = None) -> dict:
+    """Runs the whole bench on JAX's default backend and returns its record (JSON-ready).
+
+    `small`/`large`: `load_model` paths, hub ids or `bundled:NAME`, or `Model`s already loaded; or `shape`
+    (a key of `SHAPES`): random-weight Llama models of that size, for which BiLD's acceptance means nothing,
+    so the end-to-end part runs greedy decoding and BiLD all-large (the loop overhead) only. `dtype`:
+    "float32" or "bfloat16" for the models it makes or loads (default float32 for checkpoints, bfloat16 for
+    shapes); a `Model` is taken as it is. Prompts: `prompts_file` (the demo's JSON format:
+    [{"prompt": [ids]}, ...]), else the bundled held-out prompts for a bundled pair, else random ids of
+    `RANDOM_PROMPT_TOKENS` tokens; the first `num_prompts` of them. `progress` shows what runs.
+    Raises ValueError (before loading anything) for bad settings.
+    """
+    config = check_settings(shape, dtype, num_prompts, max_new_tokens, max_draft, fallback, rollback, batch_sizes,
+                            prompts_file)
+    tracker = _Tracker(progress)
+    models, sources = _pair(small, large, shape, dtype)
+    bundled = shape is None and all(str(s).startswith(BUNDLED_PREFIX) for s in (small, large))
+    prompts, prompt_source = _prompts(prompts_file, bundled, num_prompts, models["large"].vocab_size)
+    with_bild = shape is None
+
+    prompt_tokens = max(len(p) for p in prompts)
+    context = 1 if models["large"].is_encoder_decoder else prompt_tokens
+    capacity = context + max_new_tokens
+    platform = jax.devices()[0].platform
+    num_systems = 2 + len(_bild_systems(config, with_bild))
+    batches = {b: len(_batches(prompts, b)) for b in batch_sizes}
+    tracker.stage("measuring copy bandwidth", total=COPY_REPEATS + 1)
+    bandwidth = copy_bandwidth(_copy_buffer_bytes(platform), on_call=tracker.advance)
+    tracker.stage(f"timing decode steps and {max_draft + 1}-token blocks", total=4 * (step_repeats + 1))
+    costs = step_costs(models, max_draft + 1, capacity, prompts[0], step_loop, step_repeats, tracker.advance)
+    tracker.stage(f"end to end: {num_systems} systems on {len(prompts)} prompts",
+                  total=num_systems * (len(prompts) + 1))
+    e2e = end_to_end(models["small"], models["large"], prompts, config, with_bild, tracker.advance)
+    by_batch = []
+    for b, count in batches.items():
+        tracker.stage(f"batch {b}: {count} batches", total=(2 if with_bild else 1) * (count + 1))
+        by_batch.append(batch_throughput(models["small"], models["large"], prompts, config, b, with_bild,
+                                         tracker.advance))
+
+    per_model = {}
+    for name, model in models.items():
+        cost = costs[name]
+        achieved = cost["bytes_per_step"] / (cost["step_ms"] / 1000)
+        per_model[name] = {**_describe(model, sources[name]), **cost, "bandwidth_gb_s": achieved / 1e9,
+                           "bandwidth_utilization": achieved / bandwidth}
+    device = jax.devices()[0]
+    return {
+        "bild_jax_version": bild_jax.__version__,
+        "jax_version": jax.__version__,
+        "device": dict(platform=device.platform, kind=device.device_kind, count=jax.device_count(),
+                       host_cpus=os.cpu_count()),
+        "settings": dict(small=sources["small"], large=sources["large"], shape=shape,
+                         shape_about=SHAPES[shape].about if shape else None,
+                         fallback=fallback, rollback=_finite(rollback), max_draft=max_draft,
+                         num_prompts=len(prompts), max_new_tokens=max_new_tokens, prompts=prompt_source,
+                         prompt_tokens=prompt_tokens, cache_capacity=capacity, step_loop=step_loop,
+                         step_repeats=step_repeats, batch_sizes=list(batch_sizes)),
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "copy_buffer_bytes": _copy_buffer_bytes(platform),
+        "models": per_model,
+        "large_over_small_step": per_model["large"]["step_ms"] / per_model["small"]["step_ms"],
+        "end_to_end": e2e,
+        "batches": by_batch,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+
+def _bytes(n: int) -> str:
+    """1234567 -> '1.23 MB' (decimal prefixes)."""
+    exponent = min(int(math.log10(max(n, 1)) // 3), 4)
+    return f"{n / 1000 ** exponent:.3g} {('', 'k', 'M', 'G', 'T')[exponent]}B"
+
+
+def _params(n: int) -> str:
+    """133e6 -> '133M', 1.24e9 -> '1.24B'."""
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def _dtypes(model: dict) -> str:
+    """'bf16', or 'bf16 -> f32' where the decode loop reads converted weights."""
+    short = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+    stored, computed = (short.get(model[k], model[k]) for k in ("dtype", "compute_dtype"))
+    return stored if stored == computed else f"{stored} -> {computed}"
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> Table:
+    table = Table()
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def print_report(result: dict, console: Console | None = None) -> None:
+    """Prints a `run_bench` record as tables: device and settings, step costs, end to end, batch sizes."""
+    console = console or Console(width=max(Console().width, 120))
+    device, settings = result["device"], result["settings"]
+    console.print(f"[bold]bild-jax bench[/bold] {result['bild_jax_version']} on {device['count']} x "
+                  f"{device['kind']} ({device['platform']}, {device['host_cpus']} host CPUs), "
+                  f"JAX {result['jax_version']}")
+    pair = (f"--shape {settings['shape']} (random weights: {settings['shape_about']})" if settings["shape"]
+            else f"small {settings['small']}, large {settings['large']}")
+    console.print(f"{pair}; fallback {settings['fallback']}, rollback {settings['rollback']}, "
+                  f"max_draft {settings['max_draft']}")
+
+    width = settings["max_draft"] + 1
+    rows = [[name, _params(m["params"]), _bytes(m["weight_bytes"]), _bytes(m["bytes_per_step"]), _dtypes(m),
+             f"{m['step_ms']:.3f}", f"{m['block_ms']:.3f}", f"{m['block_over_step']:.2f}x",
+             f"{m['bandwidth_gb_s']:.1f}", f"{m['bandwidth_utilization']:.0%}"]
+            for name, m in result["models"].items()]
+    console.print(f"\n[bold]decode cost[/bold], batch 1, on a cache of {settings['cache_capacity']} slots half full; "
+                  f"median of {settings['step_repeats']} jitted loops of {settings['step_loop']} calls")
+    console.print(_table(
+        ["model", "params", "weights", "read/step", "dtype", "step ms", f"{width}-block ms", "block/step",
+         "GB/s", "of copy bw"], rows))
+    if any(m["dtype"] != m["compute_dtype"] for m in result["models"].values()):
+        console.print("XLA:CPU has no fast half-precision dot: the decode loops (and these timings) read float32 "
+                      "copies of half-precision weights")
+    console.print(f"large / small step: {result['large_over_small_step']:.1f}x; copy bandwidth "
+                  f"{result['copy_bandwidth_gb_s']:.1f} GB/s (read + write of {_bytes(result['copy_buffer_bytes'])})")
+
+    e2e = result["end_to_end"]
+    rows = [[s["system"], f"{s['tokens_per_s']:.1f}", f"{s['ms_per_token']:.3f}", f"{s['speedup']:.2f}x",
+             f"{s['large_token_share']:.0%}" if "large_token_share" in s else "-",
+             f"{s['large_calls_per_token']:.2f}" if "large_calls_per_token" in s else "-", f"{s['compile_s']:.1f}"]
+            for s in e2e["systems"]]
+    console.print(f"\n[bold]end to end[/bold], batch 1: {settings['num_prompts']} prompts ({settings['prompts']}, "
+                  f"up to {settings['prompt_tokens']} tokens), {settings['max_new_tokens']} new tokens each, greedy; "
+                  f"the systems take turns prompt by prompt")
+    console.print(_table(
+        ["system", "tokens/s", "ms/token (median)", "speedup", "by large", "large calls/tok", "compile s"], rows))
+    console.print(f"loop overhead factor: {e2e['loop_overhead']:.2f} = BiLD all-large / (large + small greedy), "
+                  f"per token; 1.00: no cost beyond the two models' steps")
+    if settings["shape"]:
+        console.print("random weights: BiLD and BiLD exact are not run (their acceptance would mean nothing)")
+
+    if result["batches"]:
+        rows = [[str(b["batch"]), f"{b['greedy_tokens_per_s']:.1f}",
+                 f"{b['bild_tokens_per_s']:.1f}" if "bild_tokens_per_s" in b else "-",
+                 f"{b['bild_speedup']:.2f}x" if "bild_speedup" in b else "-"] for b in result["batches"]]
+        console.print("\n[bold]throughput by batch size[/bold] (tokens/s; prompts cut to one length)")
+        console.print(_table(["batch", "large greedy", "BiLD", "BiLD speedup"], rows))

@@ -1,0 +1,123 @@
+"""`bild-jax bench` on tiny random Llama models: the record's fields, the CLI's JSON, bad input.
+
+Every run here uses the `tiny` shape's configs in bfloat16, the default max_draft, 64-token prompts, 4 new
+tokens, batch size 1 and the default step loop, so that the programs compiled by the first run serve the
+whole file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bild_jax import bench, cli
+
+SMALL_RUN = dict(num_prompts=2, max_new_tokens=4)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check_record(result: dict, systems: list[str], batch_sizes: list[int], with_bild: bool) -> None:
+    assert result["device"]["count"] >= 1 and result["device"]["platform"] and result["jax_version"]
+    assert _positive(result["copy_bandwidth_gb_s"]) and _positive(result["large_over_small_step"])
+    for model in result["models"].values():
+        for key in ("params", "weight_bytes", "bytes_per_step", "step_ms", "block_ms", "block_over_step",
+                    "bandwidth_gb_s", "bandwidth_utilization"):
+            assert _positive(model[key]), key
+        assert model["bytes_per_step"] > model["weight_bytes"] * 0.5
+    assert result["models"]["large"]["params"] > result["models"]["small"]["params"]
+    rows = result["end_to_end"]["systems"]
+    assert [r["system"] for r in rows] == systems
+    for row in rows:
+        for key in ("tokens_per_s", "ms_per_token", "speedup"):
+            assert _positive(row[key]), (row["system"], key)
+        assert row["compile_s"] >= 0
+    assert rows[0]["speedup"] == 1.0
+    all_large = rows[-1]
+    assert all_large["large_token_share"] == 1.0 and all_large["large_calls_per_token"] == 1.0
+    assert _positive(result["end_to_end"]["loop_overhead"])
+    assert [b["batch"] for b in result["batches"]] == batch_sizes
+    for b in result["batches"]:
+        assert _positive(b["greedy_tokens_per_s"]) and ("bild_speedup" in b) == with_bild
+    json.dumps(result, allow_nan=False)  # valid JSON: no infinities or NaNs
+
+
+def test_shape_run_has_step_costs_bandwidth_and_greedy_rows():
+    result = bench.run_bench(shape="tiny", batch_sizes=[1], **SMALL_RUN)
+    _check_record(result, ["large greedy", "small greedy", "BiLD all-large"], [1], with_bild=False)
+    assert result["settings"]["prompts"] == "random" and result["settings"]["shape"] == "tiny"
+    assert result["models"]["large"]["dtype"] == "bfloat16"
+
+
+def test_loaded_models_get_bild_and_exact_rows(tmp_path):
+    small = bench.random_model(bench.SHAPES["tiny"].small, jnp.bfloat16, seed=1)
+    large = bench.random_model(bench.SHAPES["tiny"].large, jnp.bfloat16, seed=0)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": list(range(1, 65))}, {"prompt": list(range(100, 164))}]))
+    result = bench.run_bench(small, large, prompts_file=prompts, rollback=math.inf, batch_sizes=[1], **SMALL_RUN)
+    _check_record(result, ["large greedy", "small greedy", "BiLD", "BiLD exact", "BiLD all-large"], [1],
+                  with_bild=True)
+    assert result["settings"]["prompts"] == str(prompts) and result["settings"]["rollback"] == "inf"
+    for row in result["end_to_end"]["systems"][2:]:
+        assert 0 <= row["large_token_share"] <= 1
+
+
+def test_weight_bytes_per_step_reads_one_row_of_an_untied_embedding():
+    config = bench.SHAPES["tiny"].large
+    tied = jax.eval_shape(lambda: bench.random_model(config, jnp.float32))
+    untied = jax.eval_shape(lambda: bench.random_model(dataclasses.replace(config, tie_word_embeddings=False),
+                                                       jnp.float32))
+
+    def all_bytes(model):
+        return sum(x.size * 4 for x in jax.tree_util.tree_leaves(model.params))
+
+    assert bench.weight_bytes_per_step(tied) == all_bytes(tied)
+    table, row = config.vocab_size * config.hidden_size * 4, config.hidden_size * 4
+    assert bench.weight_bytes_per_step(untied) == all_bytes(untied) - table + row
+
+
+def test_batches_cut_prompts_to_one_length_and_cycle_them():
+    batches = bench._batches([[1, 2, 3], [4, 5], [6, 7, 8, 9]], batch_size=2)
+    assert batches == [[[2, 3], [4, 5]], [[8, 9], [2, 3]]]
+
+
+def test_cli_prints_valid_json(capsys):
+    assert cli.main(["bench", "--shape", "tiny", *["--num-prompts", "2", "--max-new-tokens", "4"], "--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    _check_record(result, ["large greedy", "small greedy", "BiLD all-large"], [], with_bild=False)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "tiny", "--max-draft", "0"], "max_draft must be an int >= 1"),
+    (["--shape", "nope"], "unknown shape 'nope'"),
+    (["--shape", "tiny", "--num-prompts", "0"], "num_prompts must be >= 1"),
+    (["--shape", "tiny", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--shape", "tiny", "--batch-sizes", "1,x"], "--batch-sizes expects comma-separated ints"),
+    (["--shape", "tiny", "--batch-sizes", "0"], "batch sizes must be >= 1"),
+    (["--shape", "tiny", "--small", "bundled:small"], "--shape makes both models"),
+    (["--small", "/no/such/model"], "no model directory at /no/such/model"),
+    (["--prompts-file", "/no/such/prompts.json"], "no prompts file at /no/such/prompts.json"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
+    assert cli.main(["bench", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_help_lists_bench():
+    assert "bench" in cli.build_parser().format_help()
+
+
+def test_bench_imports_no_pytorch():
+    code = "import sys, bild_jax.cli, bild_jax.bench; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
