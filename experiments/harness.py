@@ -14,8 +14,6 @@ from typing import Any, Sequence
 
 import jax
 
-from bild_jax.evaluation import timed as timed_jax  # noqa: F401 (vs_llamacpp.py times with it)
-
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
