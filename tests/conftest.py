@@ -11,6 +11,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# XLA compilation is most of the suite's time on CPU. These flags (read when the backend starts, so before any
+# test runs) cut LLVM's optimisation of the generated code, about halving compile times; they change no
+# result the tests compare (every side of a comparison is compiled alike, and HLO-level passes, which the
+# cache-copy test inspects, still run). Subprocesses (the sharding check, the notebook) inherit them.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+                                    "--xla_llvm_disable_expensive_passes=true"]).strip()
 
 from tiny_models import TINY_CONFIGS, build_hf_model  # noqa: E402
 

@@ -26,10 +26,8 @@ def summary(bild_pair, tmp_path_factory):
                          for model in bild_pair(kind)) for kind in ("llama", "t5", "mixed")}
     pairs_file = tmp_path_factory.mktemp("sharding") / "pairs.pkl"
     pairs_file.write_bytes(pickle.dumps(pairs))
-    # XLA compilation is nearly all of the run time; the optimisation flags halve it and touch neither the
-    # partitioning nor the comparison (both sides are compiled alike).
-    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+    # conftest's compile-time flags come along in XLA_FLAGS.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     script = str(Path(__file__).with_name("sharding_check.py"))
     runs = [subprocess.Popen([sys.executable, script, str(pairs_file), *args], env=env, stdout=subprocess.PIPE,
