@@ -1,6 +1,7 @@
 """The compiled decode loops update their caches in place: no copy of a cache-sized buffer inside a
 `while` body. A copy there costs every layer's keys and values on every iteration (the compiled BiLD
-loop held 94 such copy instructions before the passes became read-only), and nothing else in the suite would notice it."""
+loop held 94 such copy instructions before the passes became read-only), and nothing else in the suite
+would notice it."""
 
 from __future__ import annotations
 
