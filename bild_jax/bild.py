@@ -36,10 +36,11 @@ from jax import lax
 
 from bild_jax import policies
 from bild_jax.cache import KVBlock
-from bild_jax.generate import output_pad_id, prepare_inputs
+from bild_jax.generate import sample_decode_jit, output_pad_id, prepare_inputs
 from bild_jax.model import Model, for_decode_loop
 from bild_jax.prompts import decoder_capacity, eos_array, is_eos, prefill
 from bild_jax.rows import set_at, take_at, take_block
+from bild_jax.schedule import BatchSchedule, ScheduleTable, resolve, traced_limits
 from bild_jax.sampling import DRAFT, TOKEN, SamplingParams, check_rng, check_sampling, process_logits, row_keys, sample
 
 
@@ -65,6 +66,9 @@ class BiLDConfig:
     temperature: float = 0.0          # >= 0; 0 = greedy
     top_k: int = 0                    # >= 0; sample among the top_k most likely tokens, 0 = all
     top_p: float = 1.0                # in (0, 1]; sample from the nucleus holding this mass, 1 = all
+    # How a batch shares the large model's passes (`bild_jax.schedule`): one BatchSchedule for every batch
+    # size, a ScheduleTable by batch size, or None for the built-in table of the backend.
+    schedule: BatchSchedule | ScheduleTable | None = None
 
     def __post_init__(self):
         if not 0.0 <= float(self.fallback_threshold) <= 1.0:
@@ -76,6 +80,8 @@ class BiLDConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.schedule is not None and not isinstance(self.schedule, (BatchSchedule, ScheduleTable)):
+            raise ValueError(f"schedule must be a BatchSchedule, a ScheduleTable or None, got {self.schedule!r}")
 
 
 @struct.dataclass
@@ -88,14 +94,23 @@ class BiLDPolicy:
     verify_tail: jax.Array         # [] bool, always True when exact
     eos_ids: jax.Array             # [MAX_EOS_IDS] int32, -1 padded
     sampling: SamplingParams
+    draft_limit: jax.Array         # [] int32 <= max_draft (see `schedule.BatchSchedule`)
+    wait_fraction: jax.Array       # [] float32
+    max_wait: jax.Array            # [] int32
 
     @classmethod
-    def from_config(cls, config: BiLDConfig, eos_ids: jax.Array) -> "BiLDPolicy":
+    def from_config(cls, config: BiLDConfig, eos_ids: jax.Array, batch_size: int = 1) -> "BiLDPolicy":
+        """The traced settings of `config` for a call of `batch_size` rows (which picks the schedule)."""
         sampling = SamplingParams.create(config.temperature, config.top_k, config.top_p)
+        schedule = resolve(config.schedule, batch_size)
+        draft_limit, max_wait = traced_limits(schedule, config.max_draft)
         return cls(fallback_threshold=jnp.float32(config.fallback_threshold),
                    rollback_threshold=jnp.float32(config.rollback_threshold),
                    rule=policies.rule_id(jnp.bool_(config.exact), sampling.sampled),
-                   verify_tail=jnp.bool_(config.verify_tail or config.exact), eos_ids=eos_ids, sampling=sampling)
+                   verify_tail=jnp.bool_(config.verify_tail or config.exact), eos_ids=eos_ids, sampling=sampling,
+                   draft_limit=jnp.int32(draft_limit),
+                   wait_fraction=jnp.float32(schedule.wait_fraction),
+                   max_wait=jnp.int32(max_wait))
 
 
 @struct.dataclass
@@ -107,6 +122,7 @@ class LoopCounters:
     fallbacks: jax.Array           # [B] int32 small steps whose confidence was below the threshold
     rollbacks: jax.Array           # [B] int32 draft tokens replaced by the large model
     rolled_back_tokens: jax.Array  # [B] int32 draft tokens discarded by rollbacks (replaced one included)
+    verify_passes: jax.Array       # [B] int32 large passes the row took part in, its own or its batch's
 
 
 @struct.dataclass
@@ -123,6 +139,8 @@ class BiLDOutput:
     lengths: jax.Array     # [B] int32 generated tokens per row, a final EOS included
     from_large: jax.Array  # [B, max_new_tokens] bool the large model wrote this token (False past the end)
     stats: BiLDStats
+    # What `bild_generate` ran for this call's batch size (`schedule.large_only`: the large model alone).
+    schedule: BatchSchedule | None = struct.field(pytree_node=False, default=None)
 
 
 @struct.dataclass
@@ -156,6 +174,8 @@ class DecodeState:
     # max_draft positions after large_wrote_at, so the slots never collide. Costs B * max_draft * V * 4 bytes.
     draft_logits: jax.Array
     done: jax.Array        # [B] bool
+    waiting: jax.Array     # [B] bool the row needs the large model and sits out small steps until its pass
+    waited: jax.Array      # [B] int32 small steps the waiting row has sat out
     counters: LoopCounters
     # [B] int32 cache slots before output token 0: the prompt, or T5's decoder start token. Constant.
     small_offset: jax.Array
@@ -164,6 +184,10 @@ class DecodeState:
     @property
     def live(self) -> jax.Array:
         return ~self.done                                                 # [B] bool
+
+    @property
+    def drafting(self) -> jax.Array:
+        return self.live & ~self.waiting                                  # [B] bool rows the small model steps
 
     @property
     def small_seen(self) -> jax.Array:
@@ -199,11 +223,11 @@ def block_widths(narrow: tuple[int, ...], full: int) -> tuple[int, ...]:
     return tuple(w for w in sorted(set(narrow)) if w < full) + (full,)
 
 
-def small_step(ctx: DecodeContext, state: DecodeState) -> tuple[DecodeState, jax.Array]:
-    """Feeds every live row's unseen tokens to the small model and drafts or falls back.
-    Returns the state and needs_large [B] bool: the row asks for a large pass now."""
-    live, n = state.live, ctx.max_new_tokens
-    count = jnp.where(live, state.num_tokens - state.small_seen, 0)                # [B] 1 or 2 tokens to feed
+def small_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
+    """Feeds every drafting row's unseen tokens to the small model and drafts or falls back; a row that
+    falls back, reaches `max_draft` drafts or (with tail verification) drafts its end starts waiting."""
+    drafting, n = state.drafting, ctx.max_new_tokens
+    count = jnp.where(drafting, state.num_tokens - state.small_seen, 0)             # [B] 1 or 2 tokens to feed
     block = take_block(state.tokens, state.small_seen, count, 2)                    # [B, 2]
 
     def feed(width: int):
@@ -214,24 +238,24 @@ def small_step(ctx: DecodeContext, state: DecodeState) -> tuple[DecodeState, jax
 
     logits, kv = lax.switch(jnp.int32(count.max() > 1), [feed(1), feed(2)], block, state.small_cache)
     small_cache = state.small_cache.write(kv).with_lengths(
-        jnp.where(live, state.small_offset + state.num_tokens, state.small_cache.lengths))
+        jnp.where(drafting, state.small_offset + state.num_tokens, state.small_cache.lengths))
     next_logits = process_logits(take_at(logits, jnp.clip(count - 1, 0, 1)), ctx.policy.sampling)   # [B, V]
     falls_back = policies.fallback(next_logits, ctx.policy.fallback_threshold)                        # [B]
     draft = ctx.draw(next_logits, state.num_tokens, DRAFT)                                            # [B]
-    drafts = live & ~falls_back
+    drafts = drafting & ~falls_back
     num_tokens = state.num_tokens + drafts
     ended = drafts & (is_eos(draft, ctx.policy.eos_ids) | (num_tokens >= n))
-    needs_large = live & (falls_back | (num_tokens - 1 - state.large_wrote_at >= ctx.max_draft)
-                          | (ended & ctx.policy.verify_tail))
+    needs_large = drafting & (falls_back | (num_tokens - 1 - state.large_wrote_at >= ctx.policy.draft_limit)
+                              | (ended & ctx.policy.verify_tail))
     counters = state.counters
-    state = state.replace(
+    return state.replace(
         small_cache=small_cache, num_tokens=num_tokens,
+        waiting=state.waiting | needs_large, waited=jnp.where(state.waiting, state.waited + 1, 0),
         tokens=set_at(state.tokens, state.num_tokens, draft, drafts),
         from_large=set_at(state.from_large, state.num_tokens, False, drafts),
         draft_logits=set_at(state.draft_logits, state.num_tokens % ctx.max_draft, next_logits, drafts),
-        counters=counters.replace(small_calls=counters.small_calls + live,
-                                  fallbacks=counters.fallbacks + (live & falls_back)))
-    return state, needs_large
+        counters=counters.replace(small_calls=counters.small_calls + drafting,
+                                  fallbacks=counters.fallbacks + (drafting & falls_back)))
 
 
 def large_pass(ctx: DecodeContext, state: DecodeState, needs_large: jax.Array, takes_part: jax.Array,
@@ -282,6 +306,7 @@ def commit_large(state: DecodeState, needs_large: jax.Array, result: LargePass) 
         large_wrote_at=jnp.where(writes, position, state.large_wrote_at),
         counters=counters.replace(
             large_calls=counters.large_calls + writes, rollbacks=counters.rollbacks + result.rolls_back,
+            verify_passes=counters.verify_passes + result.takes_part,
             rolled_back_tokens=counters.rolled_back_tokens + jnp.where(result.rolls_back,
                                                                        state.num_tokens - position, 0)))
 
@@ -294,20 +319,36 @@ def finished(ctx: DecodeContext, state: DecodeState) -> jax.Array:
     return state.done | (ended_at < settled) | (settled >= ctx.max_new_tokens)
 
 
+def runs_large_pass(ctx: DecodeContext, state: DecodeState) -> jax.Array:
+    """[] bool: run the large pass now, because waiting rows make up `wait_fraction` of the live rows or
+    one of them has waited `max_wait` small steps. Waiting longer lets one pass serve more rows and
+    longer drafts, at the price of small steps in which the waiting rows make no progress."""
+    waiting = state.waiting & state.live                                                   # [B]
+    enough = waiting.sum() >= jnp.ceil(ctx.policy.wait_fraction * state.live.sum())
+    overdue = jnp.where(waiting, state.waited, 0).max() >= ctx.policy.max_wait
+    return waiting.any() & (enough | overdue)
+
+
 def decode_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
-    """One loop iteration: a small step, a large pass if any row needs one, the termination test."""
-    state, needs_large = small_step(ctx, state)
+    """One loop iteration: a small step, the large pass if the schedule runs it, the termination test."""
+    state = small_step(ctx, state)
+    runs = runs_large_pass(ctx, state)                                                    # []
+    needs_large = runs & state.waiting                                                     # [B]
+    unseen = jnp.where(state.live, state.num_tokens - state.large_seen, 0)                # [B]
+    widths = block_widths(NARROW_VERIFY_WIDTHS, ctx.max_draft + 1)
+    branch = jnp.where(runs, 1 + jnp.searchsorted(jnp.asarray(widths), jnp.where(needs_large, unseen, 0).max()), 0)
+    # The other live rows have their drafts judged too, when they fit the block the waiting rows need.
     # Without tail verification a row may end on unjudged drafts; judging other rows' drafts early would
     # then make a row's output depend on its batch.
-    takes_part = needs_large.any() & (needs_large | (state.live & ctx.policy.verify_tail))       # [B]
-    widths = block_widths(NARROW_VERIFY_WIDTHS, ctx.max_draft + 1)
-    unseen = jnp.where(takes_part, state.num_tokens - state.large_seen, 0).max()
-    branch = jnp.where(needs_large.any(), 1 + jnp.searchsorted(jnp.asarray(widths), unseen), 0)
+    width = jnp.asarray(widths)[jnp.maximum(branch - 1, 0)]                                # []
+    takes_part = needs_large | (runs & state.live & ctx.policy.verify_tail & (unseen <= width))   # [B]
     passes = [functools.partial(skipped_pass, width=widths[-1])] + [functools.partial(large_pass, width=w)
                                                                      for w in widths]
     result = lax.switch(branch, passes, ctx, state, needs_large, takes_part)
     state = commit_large(state, needs_large, result)
-    return state.replace(done=finished(ctx, state))
+    done = finished(ctx, state)
+    return state.replace(done=done, waiting=state.waiting & ~needs_large & ~done,
+                         waited=jnp.where(needs_large, 0, state.waited))
 
 
 def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array) -> DecodeState:
@@ -330,8 +371,9 @@ def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array
         draft_logits=jnp.zeros((batch, ctx.max_draft, ctx.large.vocab_size), jnp.float32),
         # The first token may already end a row (EOS, or max_new_tokens == 1).
         done=is_eos(first, ctx.policy.eos_ids) | (n == 1),
+        waiting=jnp.zeros((batch,), bool), waited=zeros,
         counters=LoopCounters(small_calls=zeros, large_calls=jnp.ones((batch,), jnp.int32), fallbacks=zeros,
-                              rollbacks=zeros, rolled_back_tokens=zeros),
+                              rollbacks=zeros, rolled_back_tokens=zeros, verify_passes=zeros),
         small_offset=offset(ctx.small), large_offset=offset(ctx.large))
 
 
@@ -414,10 +456,26 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
     check_rng(rng, config.temperature)
     (large, small), prompts, prompt_lengths = prepare_inputs((large, small), input_ids, config.max_new_tokens,
                                                              attention_mask, mesh)
-    policy = BiLDPolicy.from_config(config, eos_array(large, config.eos_token_id))
+    schedule = resolve(config.schedule, len(prompts))
+    eos_ids = eos_array(large, config.eos_token_id)
+    policy = BiLDPolicy.from_config(config, eos_ids, len(prompts))
     # Checked here, before any compute; greedy runs (rng None) get their fixed key inside the jit, saving
     # an eager dispatch per call.
     keys = None if rng is None else row_keys(rng, len(prompts))
-    return _bild_decode_jit(small, large, prompts, prompt_lengths, policy,
-                            max_new_tokens=config.max_new_tokens, max_draft=config.max_draft,
-                            pad_token_id=output_pad_id(large), rng=keys)
+    if schedule.large_only:
+        out = sample_decode_jit(large, prompts, prompt_lengths, eos_ids, policy.sampling, keys,
+                                 max_new_tokens=config.max_new_tokens, pad_token_id=output_pad_id(large))
+        return large_only_output(out.tokens, out.lengths, schedule)
+    out = _bild_decode_jit(small, large, prompts, prompt_lengths, policy, max_new_tokens=config.max_new_tokens,
+                           max_draft=config.max_draft, pad_token_id=output_pad_id(large), rng=keys)
+    return out.replace(schedule=schedule)
+
+
+def large_only_output(tokens: jax.Array, lengths: jax.Array, schedule: BatchSchedule) -> BiLDOutput:
+    """A BiLDOutput for tokens [B, N] int32 and lengths [B] int32 that the large model decoded alone: it wrote
+    every token, one pass each (the same tokens as BiLD writes with fallback_threshold 1)."""
+    kept = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    zeros = jnp.zeros_like(lengths)
+    stats = BiLDStats(small_calls=zeros, large_calls=lengths, fallbacks=zeros, rollbacks=zeros,
+                      rolled_back_tokens=zeros, verify_passes=lengths, small_tokens=zeros, large_tokens=lengths)
+    return BiLDOutput(tokens=tokens, lengths=lengths, from_large=kept, stats=stats, schedule=schedule)

@@ -92,7 +92,8 @@ def greedy_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, e
 
 
 _greedy_decode_jit = jax.jit(greedy_decode, static_argnames=("max_new_tokens", "pad_token_id"))
-_sample_decode_jit = jax.jit(sample_decode, static_argnames=("max_new_tokens", "pad_token_id"))
+# Also what `bild_generate` runs when its schedule decodes with the large model alone.
+sample_decode_jit = jax.jit(sample_decode, static_argnames=("max_new_tokens", "pad_token_id"))
 
 
 def greedy_generate(model: Model, input_ids, max_new_tokens: int, attention_mask=None,
@@ -125,7 +126,7 @@ def sample_generate(model: Model, input_ids, max_new_tokens: int, rng: jax.Array
     check_rng(rng, temperature)
     (model,), prompts, prompt_lengths = prepare_inputs((model,), input_ids, max_new_tokens, attention_mask, mesh)
     keys = row_keys(rng, len(prompts))
-    return _sample_decode_jit(model, prompts, prompt_lengths, eos_array(model, eos_token_id), params, keys,
+    return sample_decode_jit(model, prompts, prompt_lengths, eos_array(model, eos_token_id), params, keys,
                               max_new_tokens=int(max_new_tokens), pad_token_id=output_pad_id(model))
 
 

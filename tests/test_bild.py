@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import bild_jax
 from bild_jax import bild
 from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.schedule import BatchSchedule
 
 N = 16  # max_new_tokens everywhere, so that tests share compiled programs
 
@@ -93,7 +94,7 @@ def test_max_draft_bounds_consecutive_small_tokens(bild_pair, max_draft):
     prompts = _prompts(large.vocab_size)
     out = bild_generate(small, large, prompts, BiLDConfig(max_new_tokens=N, max_draft=max_draft,
                                                           fallback_threshold=0.0, rollback_threshold=np.inf,
-                                                          eos_token_id=[]))
+                                                          eos_token_id=[], schedule=BatchSchedule()))
     expected_large = -(-N // (max_draft + 1))
     np.testing.assert_array_equal(np.asarray(out.stats.large_tokens), expected_large)
     tail_pass = (N - 1) % (max_draft + 1) != 0
@@ -107,7 +108,8 @@ def test_small_model_alone_when_large_never_intervenes(bild_pair):
     small, large = bild_pair("llama")
     prompts = _prompts(large.vocab_size)
     out = bild_generate(small, large, prompts, BiLDConfig(max_new_tokens=N, max_draft=N, fallback_threshold=0.0,
-                                                          rollback_threshold=np.inf, eos_token_id=[]))
+                                                          rollback_threshold=np.inf, eos_token_id=[],
+                                                          schedule=BatchSchedule()))
     first = np.asarray(bild_jax.greedy_generate(large, prompts, max_new_tokens=1, eos_token_id=[]).tokens)
     continued = bild_jax.greedy_generate(small, [p + [int(t)] for p, t in zip(prompts, first[:, 0])],
                                          max_new_tokens=N - 1, eos_token_id=[])

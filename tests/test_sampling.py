@@ -104,11 +104,11 @@ def test_sample_generate_compiles_once_for_any_settings(bild_pair):
     _, large = bild_pair("llama")
     prompts = _prompts(large.vocab_size)
     bild_jax.sample_generate(large, prompts, N, jax.random.key(0), eos_token_id=[])
-    compiled = generate._sample_decode_jit._cache_size()
+    compiled = generate.sample_decode_jit._cache_size()
     for temperature, top_k, top_p in [(0.5, 7, 1.0), (1.0, 0, 0.3), (0.0, 0, 1.0)]:
         bild_jax.sample_generate(large, prompts, N, jax.random.PRNGKey(4), temperature, top_k, top_p,
                                  eos_token_id=[])
-    assert generate._sample_decode_jit._cache_size() == compiled
+    assert generate.sample_decode_jit._cache_size() == compiled
 
 
 # --- BiLD sampling ----------------------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""Scheduling the large model's passes across a batch: how long a row's drafts may grow, how long a row that
+needs the large model waits for others to need it too, and when BiLD should not run at all.
+
+One large pass costs about the same for one row as for many while the device is memory-bound, so a pass
+that serves every row at once is cheap per token; a pass for each row that needs one is not. Rows that need
+the large model therefore wait (without drafting) for the others; a pass runs when the waiting rows make up
+`wait_fraction` of the live rows or one of them has waited `max_wait` small steps. How wide a pass may get
+before it stops paying off depends on the device and the batch size, which `draft_limit` sets: on a CPU a
+pass over 16 rows costs about its width in one-token steps, so drafts there must stay short. Where no
+schedule beats the large model alone, `large_only` decodes with it (`bild-jax bench --save-schedule`
+measures which holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSchedule:
+    """How one call shares the large model's passes among its rows. All of it is traced (no recompilation),
+    and none of it changes a row's output, which never depends on its batch neighbours; `large_only`
+    decodes with the large model alone."""
+
+    draft_limit: int | None = None  # >= 1: drafts before a row waits for the large model, capped at max_draft
+    wait_fraction: float = 1.0      # in [0, 1]: run a pass once this share of the live rows waits
+    max_wait: int | None = None     # >= 0: or once a row has waited this many small steps; None: no limit
+    large_only: bool = False        # decode with the large model alone
+
+    def __post_init__(self):
+        for name, low in (("draft_limit", 1), ("max_wait", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"schedule {name} must be None or an int >= {low}, got {value!r}")
+        if isinstance(self.wait_fraction, bool) or not isinstance(self.wait_fraction, (int, float)) \
+                or not 0.0 <= float(self.wait_fraction) <= 1.0:
+            raise ValueError(f"schedule wait_fraction must be in [0, 1], got {self.wait_fraction!r}")
+        if not isinstance(self.large_only, bool):
+            raise ValueError(f"schedule large_only must be a bool, got {self.large_only!r}")
+
+    def describe(self) -> str:
+        """One line for the CLI and benchmark reports."""
+        if self.large_only:
+            return "large model alone (no schedule beats it at this batch size)"
+        limit = "max_draft" if self.draft_limit is None else self.draft_limit
+        wait = "" if self.max_wait is None else f", at most {self.max_wait} steps"
+        return f"BiLD, drafts <= {limit}, pass when {self.wait_fraction:.0%} of rows wait{wait}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleTable:
+    """Schedules by batch size: a call of B rows uses the entry of the largest batch size <= B (the smallest
+    entry below it). `measured_on` says where the table comes from."""
+
+    entries: tuple[tuple[int, BatchSchedule], ...]
+    measured_on: str = ""
+
+    def __post_init__(self):
+        sizes = [size for size, _ in self.entries]
+        if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"a schedule table needs increasing batch sizes >= 1, got {sizes}")
+
+    def for_batch(self, batch_size: int) -> BatchSchedule:
+        chosen = self.entries[0][1]
+        for size, schedule in self.entries:
+            if size <= batch_size:
+                chosen = schedule
+        return chosen
+
+    def save(self, path: str | Path) -> None:
+        """Writes the table as JSON."""
+        entries = [{"batch_size": size, **dataclasses.asdict(s)} for size, s in self.entries]
+        Path(path).write_text(json.dumps({"measured_on": self.measured_on, "entries": entries}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScheduleTable":
+        """Reads a table written by `save` (`bild-jax bench --save-schedule`); a clear error for anything else."""
+        try:
+            data = json.loads(Path(path).read_text())
+            entries = tuple((int(e.pop("batch_size")), BatchSchedule(**e)) for e in data["entries"])
+            return cls(entries=entries, measured_on=str(data.get("measured_on", "")))
+        except FileNotFoundError:
+            raise ValueError(f"no schedule table at {path}") from None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path} is not a schedule table written by `bild-jax bench --save-schedule` "
+                             f"({type(error).__name__}: {error})") from None
+
+
+# Measured with `bild-jax bench --batch-sizes 1,2,4,8,16,32,64 --save-schedule` on the bundled aligned pair,
+# 2-core CPU (see README, "Batched BiLD"). Other backends start from full synchronisation with long drafts,
+# what a memory-bound accelerator favours; measure a table there for the guarantee against large-only.
+CPU_SCHEDULES = ScheduleTable(
+    entries=((1, BatchSchedule()), (2, BatchSchedule(draft_limit=3)), (8, BatchSchedule(draft_limit=1))),
+    measured_on="bundled aligned pair, 2-core AMD EPYC CPU")
+ACCELERATOR_SCHEDULES = ScheduleTable(entries=((1, BatchSchedule()),), measured_on="not measured: defaults")
+
+
+def default_schedules(platform: str | None = None) -> ScheduleTable:
+    """The built-in table for `platform` (default: JAX's default backend)."""
+    return CPU_SCHEDULES if (platform or jax.default_backend()) == "cpu" else ACCELERATOR_SCHEDULES
+
+
+def resolve(schedule: BatchSchedule | ScheduleTable | None, batch_size: int) -> BatchSchedule:
+    """The schedule a call of `batch_size` rows runs: a BatchSchedule as given, a table's entry, or (None)
+    the built-in table's entry for the default backend."""
+    if isinstance(schedule, BatchSchedule):
+        return schedule
+    return (schedule or default_schedules()).for_batch(batch_size)
+
+
+def traced_limits(schedule: BatchSchedule, max_draft: int) -> tuple[int, int]:
+    """(draft_limit, max_wait) as the loop's ints: the limit capped at max_draft, no wait limit as one the
+    loop never reaches."""
+    limit = max_draft if schedule.draft_limit is None else min(schedule.draft_limit, max_draft)
+    max_wait = max_draft + 1 if schedule.max_wait is None else min(schedule.max_wait, max_draft + 1)
+    return limit, max_wait
