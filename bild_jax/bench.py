@@ -41,6 +41,7 @@ from bild_jax.generate import greedy_generate
 from bild_jax.hub import BUNDLED_PREFIX, load_model
 from bild_jax.model import Model, for_decode_loop
 from bild_jax.models.llama import LlamaConfig
+from bild_jax.schedule import BatchSchedule, resolve
 
 DEFAULT_SMALL = "bundled:small-aligned"
 DEFAULT_LARGE = "bundled:large"
@@ -313,21 +314,42 @@ def _batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[lis
     return [[rows[(b * batch_size + i) % len(rows)] for i in range(batch_size)] for b in range(count)]
 
 
+# The schedules `batch_throughput` tries at each batch size, besides the large model alone: full
+# synchronisation of the rows with shorter and shorter drafts (see `bild_jax.schedule`).
+CANDIDATE_SCHEDULES = (BatchSchedule(), BatchSchedule(draft_limit=5), BatchSchedule(draft_limit=3),
+                       BatchSchedule(draft_limit=2), BatchSchedule(draft_limit=1))
+
+
 def batch_throughput(small: Model, large: Model, prompts: Sequence[Sequence[int]], config: BiLDConfig,
                      batch_size: int, with_bild: bool = True, on_call: Callable[[], None] = lambda: None) -> dict:
-    """Large greedy (and BiLD) tokens/s at `batch_size` rows per call, over `_batches(prompts, batch_size)`:
-    {batch, greedy_tokens_per_s, bild_tokens_per_s, bild_speedup}."""
+    """Large greedy tokens/s at `batch_size` rows per call, over `_batches(prompts, batch_size)`, and with BiLD:
+    under the schedule `bild_generate` picks for `config` at this batch size, and under each of
+    `CANDIDATE_SCHEDULES`, all taking turns batch by batch. Returns {batch, greedy_tokens_per_s,
+    bild_tokens_per_s, bild_speedup, schedule (what BiLD ran), candidates: [{schedule, tokens_per_s,
+    speedup}], best: the fastest candidate's schedule, or large-only where none beats greedy}."""
     n = config.max_new_tokens
     # run_systems hands each item to a system as a one-element list: here the item is a whole batch.
     systems = {"greedy": lambda item: greedy_generate(large, item[0], n, eos_token_id=NO_EOS)}
+    candidates = CANDIDATE_SCHEDULES if with_bild else ()
     if with_bild:
         systems["BiLD"] = lambda item: bild_generate(small, large, item[0], config)
+    for index, schedule in enumerate(candidates):
+        candidate = dataclasses.replace(config, schedule=schedule)
+        systems[f"candidate {index}"] = functools.partial(lambda c, item: bild_generate(small, large, item[0], c),
+                                                          candidate)
     results = _take_turns(systems, _batches(prompts, batch_size), on_call)
+    greedy_seconds = results["greedy"][0].steady_seconds
     row = dict(batch=batch_size, greedy_tokens_per_s=results["greedy"][0].tokens_per_s)
-    if with_bild:
-        row.update(bild_tokens_per_s=results["BiLD"][0].tokens_per_s,
-                   bild_speedup=results["greedy"][0].steady_seconds / results["BiLD"][0].steady_seconds)
-    return row
+    if not with_bild:
+        return row
+    tried = [dict(schedule=dataclasses.asdict(schedule), tokens_per_s=results[f"candidate {i}"][0].tokens_per_s,
+                  speedup=greedy_seconds / results[f"candidate {i}"][0].steady_seconds)
+             for i, schedule in enumerate(candidates)]
+    fastest = max(tried, key=lambda c: c["speedup"])
+    best = fastest["schedule"] if fastest["speedup"] > 1.0 else dataclasses.asdict(BatchSchedule(large_only=True))
+    return dict(row, bild_tokens_per_s=results["BiLD"][0].tokens_per_s,
+                bild_speedup=greedy_seconds / results["BiLD"][0].steady_seconds,
+                schedule=dataclasses.asdict(resolve(config.schedule, batch_size)), candidates=tried, best=best)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -445,7 +467,9 @@ def run_bench(small: str | Path | Model = DEFAULT_SMALL, large: str | Path | Mod
     e2e = end_to_end(models["small"], models["large"], prompts, config, with_bild, tracker.advance)
     by_batch = []
     for b, count in batches.items():
-        tracker.stage(f"batch {b}: {count} batches", total=(2 if with_bild else 1) * (count + 1))
+        systems_per_batch = 2 + len(CANDIDATE_SCHEDULES) if with_bild else 1
+        tracker.stage(f"batch {b}: {count} batches, {systems_per_batch} systems",
+                      total=systems_per_batch * (count + 1))
         by_batch.append(batch_throughput(models["small"], models["large"], prompts, config, b, with_bild,
                                          tracker.advance))
 
@@ -473,6 +497,10 @@ def run_bench(small: str | Path | Model = DEFAULT_SMALL, large: str | Path | Mod
         "large_over_small_step": per_model["large"]["step_ms"] / per_model["small"]["step_ms"],
         "end_to_end": e2e,
         "batches": by_batch,
+        # The best schedule by batch size, for `--save-schedule` (`ScheduleTable.from_dict`).
+        "schedule_table": dict(measured_on=f"bild-jax bench, {sources['small']} / {sources['large']}, "
+                                           f"{device.device_kind}, {os.cpu_count()} host CPUs",
+                               entries=[{"batch_size": b["batch"], **b["best"]} for b in by_batch if "best" in b]),
     }
 
 
@@ -550,8 +578,15 @@ def print_report(result: dict, console: Console | None = None) -> None:
         console.print("random weights: BiLD and BiLD exact are not run (their acceptance would mean nothing)")
 
     if result["batches"]:
-        rows = [[str(b["batch"]), f"{b['greedy_tokens_per_s']:.1f}",
-                 f"{b['bild_tokens_per_s']:.1f}" if "bild_tokens_per_s" in b else "-",
-                 f"{b['bild_speedup']:.2f}x" if "bild_speedup" in b else "-"] for b in result["batches"]]
-        console.print("\n[bold]throughput by batch size[/bold] (tokens/s; prompts cut to one length)")
-        console.print(_table(["batch", "large greedy", "BiLD", "BiLD speedup"], rows))
+        rows = []
+        for b in result["batches"]:
+            row = [str(b["batch"]), f"{b['greedy_tokens_per_s']:.1f}"]
+            if "bild_tokens_per_s" in b:
+                best = max(b["candidates"], key=lambda c: c["speedup"])
+                row += [f"{b['bild_tokens_per_s']:.1f}", f"{b['bild_speedup']:.2f}x",
+                        BatchSchedule(**b["schedule"]).describe(),
+                        f"{BatchSchedule(**best['schedule']).describe()}: {best['speedup']:.2f}x"]
+            rows.append(row + ["-"] * (6 - len(row)))
+        console.print("\n[bold]throughput by batch size[/bold] (tokens/s; prompts cut to one length; BiLD under the "
+                      "schedule bild_generate picks, and the fastest candidate schedule)")
+        console.print(_table(["batch", "large greedy", "BiLD", "BiLD speedup", "schedule", "best candidate"], rows))

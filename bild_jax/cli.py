@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens, 0 = all")
     generate.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p nucleus, 1 = all")
     generate.add_argument("--seed", type=int, default=0, help="PRNG seed when sampling (default %(default)s)")
+    generate.add_argument("--schedule", type=Path,
+                          help="batch schedule table (JSON from `bild-jax bench --save-schedule`); default: the "
+                               "built-in table for this backend")
 
     demo = commands.add_parser("demo", help="offline demo on the bundled pair: speed, quality, token sources")
     demo.add_argument("--num-prompts", type=int, default=64,
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="demo-format JSON of prompt ids; default: the bundled held-out prompts for a bundled "
                             "pair, else random ids")
     bench.add_argument("--json", help="write the record as JSON to this file, or '-': print it instead of the tables")
+    bench.add_argument("--save-schedule", type=Path,
+                       help="write the best schedule at each of --batch-sizes to this file, for `generate --schedule`")
     return parser
 
 
@@ -110,21 +115,27 @@ def _load_pair(args):
 
 
 def run_generate(args) -> None:
+    from bild_jax.schedule import ScheduleTable
+
     prompts = _read_prompts(args)
     # Settings are checked before the models load: a bad flag fails at once.
+    schedule = None if args.schedule is None else ScheduleTable.load(args.schedule)
     config = bild_jax.BiLDConfig(fallback_threshold=args.fallback, rollback_threshold=args.rollback,
                                  max_draft=args.max_draft, max_new_tokens=args.max_new_tokens, exact=args.exact,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 schedule=schedule)
     small, large, tokenizer = _load_pair(args)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     out = bild_jax.bild_generate(small, large, ids, config, rng=jax.random.key(args.seed))
+    print(f"batch of {len(prompts)}: {out.schedule.describe()}", file=sys.stderr)
     for row, prompt in enumerate(prompts):
         n = int(out.lengths[row])
         tokens = [int(t) for t in out.tokens[row, :n]]
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         if args.json:
             stats = {name: int(value[row]) for name, value in vars(out.stats).items()}
-            print(json.dumps({"prompt": prompt, "text": text, "tokens": tokens, "stats": stats}))
+            print(json.dumps({"prompt": prompt, "text": text, "tokens": tokens, "stats": stats,
+                              "schedule": out.schedule.describe()}))
         else:
             print(f"{prompt}{text}")
 
@@ -178,6 +189,9 @@ def run_bench(args) -> None:
 
     if args.shape is not None and (args.small, args.large) != (DEFAULT_SMALL, DEFAULT_LARGE):
         raise UsageError("--shape makes both models; drop --small/--large")
+    if args.save_schedule is not None and (args.shape is not None or not args.batch_sizes.strip()):
+        raise UsageError("--save-schedule needs --batch-sizes and a real pair (not --shape): random weights "
+                         "have no acceptance to schedule")
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
@@ -191,6 +205,10 @@ def run_bench(args) -> None:
             result = bench(**settings, progress=progress)
     else:
         result = bench(**settings)
+    if args.save_schedule is not None:
+        from bild_jax.schedule import ScheduleTable
+
+        ScheduleTable.from_dict(result["schedule_table"]).save(args.save_schedule)
     if args.json == "-":
         print(json.dumps(result, indent=1))
         return

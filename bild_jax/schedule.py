@@ -71,23 +71,34 @@ class ScheduleTable:
                 chosen = schedule
         return chosen
 
+    def to_dict(self) -> dict:
+        return {"measured_on": self.measured_on,
+                "entries": [{"batch_size": size, **dataclasses.asdict(s)} for size, s in self.entries]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ScheduleTable":
+        """The inverse of `to_dict`; ValueError (naming the problem) for anything else."""
+        try:
+            entries = tuple((int(e["batch_size"]), BatchSchedule(**{k: v for k, v in e.items() if k != "batch_size"}))
+                            for e in data["entries"])
+            return cls(entries=entries, measured_on=str(data.get("measured_on", "")))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"not a schedule table ({type(error).__name__}: {error})") from None
+
     def save(self, path: str | Path) -> None:
         """Writes the table as JSON."""
-        entries = [{"batch_size": size, **dataclasses.asdict(s)} for size, s in self.entries]
-        Path(path).write_text(json.dumps({"measured_on": self.measured_on, "entries": entries}, indent=1) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ScheduleTable":
-        """Reads a table written by `save` (`bild-jax bench --save-schedule`); a clear error for anything else."""
+        """Reads a table written by `save` (`bild-jax bench --save-schedule`); ValueError for anything else."""
         try:
-            data = json.loads(Path(path).read_text())
-            entries = tuple((int(e.pop("batch_size")), BatchSchedule(**e)) for e in data["entries"])
-            return cls(entries=entries, measured_on=str(data.get("measured_on", "")))
+            return cls.from_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise ValueError(f"no schedule table at {path}") from None
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        except (json.JSONDecodeError, ValueError) as error:
             raise ValueError(f"{path} is not a schedule table written by `bild-jax bench --save-schedule` "
-                             f"({type(error).__name__}: {error})") from None
+                             f"({error})") from None
 
 
 # Measured with `bild-jax bench --batch-sizes 1,2,4,8,16,32,64 --save-schedule` on the bundled aligned pair,

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import pytest
 
 from bild_jax import bench, cli
+from bild_jax.bench import CANDIDATE_SCHEDULES
+from bild_jax.schedule import BatchSchedule, ScheduleTable
 
 SMALL_RUN = dict(num_prompts=2, max_new_tokens=4)
 
@@ -48,6 +50,15 @@ def _check_record(result: dict, systems: list[str], batch_sizes: list[int], with
     assert [b["batch"] for b in result["batches"]] == batch_sizes
     for b in result["batches"]:
         assert _positive(b["greedy_tokens_per_s"]) and ("bild_speedup" in b) == with_bild
+        if with_bild:
+            assert [c["schedule"] for c in b["candidates"]] == [dataclasses.asdict(s) for s in CANDIDATE_SCHEDULES]
+            fastest = max(b["candidates"], key=lambda c: c["speedup"])
+            assert b["best"] == (fastest["schedule"] if fastest["speedup"] > 1 else
+                                 dataclasses.asdict(BatchSchedule(large_only=True)))
+    entries = result["schedule_table"]["entries"]
+    assert [e["batch_size"] for e in entries] == (batch_sizes if with_bild else [])
+    if entries:
+        assert [size for size, _ in ScheduleTable.from_dict(result["schedule_table"]).entries] == batch_sizes
     json.dumps(result, allow_nan=False)  # valid JSON: no infinities or NaNs
 
 
@@ -66,6 +77,7 @@ def test_loaded_models_get_bild_and_exact_rows(tmp_path):
     result = bench.run_bench(small, large, prompts_file=prompts, rollback=math.inf, batch_sizes=[1], **SMALL_RUN)
     _check_record(result, ["large greedy", "small greedy", "BiLD", "BiLD exact", "BiLD all-large"], [1],
                   with_bild=True)
+    assert result["batches"][0]["schedule"] == dataclasses.asdict(BatchSchedule())  # the built-in table at batch 1
     assert result["settings"]["prompts"] == str(prompts) and result["settings"]["rollback"] == "inf"
     for row in result["end_to_end"]["systems"][2:]:
         assert 0 <= row["large_token_share"] <= 1
@@ -106,6 +118,8 @@ def test_cli_prints_valid_json(capsys):
     (["--shape", "tiny", "--small", "bundled:small"], "--shape makes both models"),
     (["--small", "/no/such/model"], "no model directory at /no/such/model"),
     (["--prompts-file", "/no/such/prompts.json"], "no prompts file at /no/such/prompts.json"),
+    (["--save-schedule", "s.json"], "--save-schedule needs --batch-sizes"),
+    (["--shape", "tiny", "--batch-sizes", "1", "--save-schedule", "s.json"], "--save-schedule needs --batch-sizes"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     assert cli.main(["bench", *argv]) == 2

@@ -13,6 +13,7 @@ import pytest
 import bild_jax
 from bild_jax import cli
 from bild_jax.hub import BUNDLED_DIR
+from bild_jax.schedule import BatchSchedule, ScheduleTable
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_DIR / "large").is_dir(), reason="the bundled pair is not built")
 SHORT = ["--max-new-tokens", "8"]
@@ -56,6 +57,16 @@ def test_generate_json_has_text_tokens_and_stats(tmp_path, capsys):
         expected = bild_jax.greedy_generate(large, [tokenizer(line["prompt"])["input_ids"]], max_new_tokens=8)
         assert line["tokens"] == [int(t) for t in expected.tokens[0, :int(expected.lengths[0])]]
         assert line["text"] == tokenizer.decode(line["tokens"], skip_special_tokens=True)
+    # A schedule table that hands batches of 2 to the large model alone: the same tokens, and it says so.
+    table = tmp_path / "schedule.json"
+    ScheduleTable(entries=((1, BatchSchedule()), (2, BatchSchedule(large_only=True)))).save(table)
+    assert cli.main(["generate", "--prompts-file", str(prompts), *SHORT, "--exact", "--json", "--schedule",
+                     str(table)]) == 0
+    captured = capsys.readouterr()
+    alone = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line["tokens"] for line in alone] == [line["tokens"] for line in lines]
+    assert "batch of 2: large model alone" in captured.err and "large model alone" in alone[0]["schedule"]
+    assert all(line["stats"]["small_tokens"] == 0 for line in alone)
 
 
 def test_generate_samples_with_the_given_settings_and_seed(capsys):
@@ -93,6 +104,7 @@ def test_sweep_writes_csv_png_and_recommends(tmp_path, capsys):
     (["generate", "--prompt", "x", "--max-draft", "0"], "max_draft must be an int >= 1"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["generate", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "x", "--schedule", "/no/such/schedule.json"], "no schedule table at"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message):
     result = subprocess.run([sys.executable, "-m", "bild_jax.cli", *argv], capture_output=True, text=True)
