@@ -4,14 +4,16 @@
 Per row, the output buffer holds `num_tokens` tokens. `large_seen` of them are in the large model's cache;
 token `large_seen` is verified (written or already judged by the large model) and the ones after it are
 unverified drafts. The small model's cache holds all but the last one or two tokens. Each iteration:
-1. `small_step`, every live row: feed the 1-2 tokens the small model has not seen, then either append a
-   draft (its argmax, or a sample) or, when its confidence is below `fallback_threshold`, fall back;
-2. `large_pass`, if any row falls back, has `max_draft` drafts since the large model last wrote, or (with
-   tail verification) has drafted its end: one large pass over every taking-part row's unseen tokens, a
-   block cut to the narrowest compiled width that holds them. A verification rule (`policies.RULES`) finds
-   each row's first rejected draft; rows that asked for the pass get it replaced (rollback) or the large
-   model's next token appended; the other rows get their drafts judged without a new token, so that a
-   row's output never depends on the rest of the batch. `commit_large` applies the result;
+1. `small_step`, every drafting row: feed the 1-2 tokens the small model has not seen, then either append
+   a draft (its argmax, or a sample) or, when its confidence is below `fallback_threshold`, fall back; a
+   row that falls back, has `draft_limit` drafts since the large model last wrote, or (with tail
+   verification) has drafted its end starts waiting, and sits out small steps until its pass;
+2. `large_pass`, when the schedule says so (`runs_large_pass`, `bild_jax.schedule`): one large pass over
+   the waiting rows' unseen tokens and the other live rows' that fit, a block cut to the narrowest
+   compiled width that holds the waiting rows'. A verification rule (`policies.RULES`) finds each row's
+   first rejected draft; waiting rows get it replaced (rollback) or the large model's next token
+   appended; the other rows get their drafts judged without a new token, so that a row's output never
+   depends on the rest of the batch. `commit_large` applies the result;
 3. `finished`: rows whose output is complete stop.
 Caches are kept consistent by moving per-row lengths only; no second large pass is ever needed. The passes
 only read the caches; their new keys/values are written outside the `lax.switch` that picks the block
@@ -115,9 +117,14 @@ class BiLDPolicy:
 
 @struct.dataclass
 class LoopCounters:
-    """Per-row counts of what the loop did; `BiLDStats` reports them with the token authorship."""
+    """Per-row counts of what the loop did; `BiLDStats` reports them with the token authorship.
 
-    small_calls: jax.Array         # [B] int32 small-model steps the row took part in
+    With a fixed schedule, a row's tokens and `rollbacks` (and BiLDStats' small_tokens / large_tokens) are
+    the same in any batch. The others depend on the batch: another row's pass may judge this row's drafts
+    early, so a rejected draft is replaced before the small model drafts past it (fewer `small_calls`,
+    `fallbacks` and `rolled_back_tokens`) and the row's verification is split over more passes."""
+
+    small_calls: jax.Array         # [B] int32 small-model steps the row drafted in
     large_calls: jax.Array         # [B] int32 large-model passes that wrote a token for the row
     fallbacks: jax.Array           # [B] int32 small steps whose confidence was below the threshold
     rollbacks: jax.Array           # [B] int32 draft tokens replaced by the large model
