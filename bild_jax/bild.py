@@ -77,6 +77,15 @@ class BiLDConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         check_sampling(self.temperature, self.top_k, self.top_p)
 
+    @classmethod
+    def from_profile(cls, path, **settings) -> "BiLDConfig":
+        """The fallback and rollback thresholds and max_draft of a pair profile (`bild_pair.json`, written by
+        `bild-jax tune`; `path` is the file or the small model's directory holding it), the other fields
+        from `settings`. A missing or broken profile raises one error line."""
+        from bild_jax.profile import read_profile
+
+        return read_profile(path).config(**settings)
+
 
 @struct.dataclass
 class BiLDPolicy:
