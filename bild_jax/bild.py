@@ -78,13 +78,14 @@ class BiLDConfig:
         check_sampling(self.temperature, self.top_k, self.top_p)
 
     @classmethod
-    def from_profile(cls, path, **settings) -> "BiLDConfig":
+    def from_profile(cls, source, **settings) -> "BiLDConfig":
         """The fallback and rollback thresholds and max_draft of a pair profile (`bild_pair.json`, written by
-        `bild-jax tune`; `path` is the file or the small model's directory holding it), the other fields
-        from `settings`. A missing or broken profile raises one error line."""
-        from bild_jax.profile import read_profile
+        `bild-jax tune`), the other fields from `settings`. `source`: the profile file, or the small model it
+        was written for (a directory, hub id or bundled:NAME). A missing or broken profile raises one error
+        line."""
+        from bild_jax.profile import profile_of
 
-        return read_profile(path).config(**settings)
+        return profile_of(source).config(**settings)
 
 
 @struct.dataclass

@@ -200,7 +200,8 @@ def run_generate(args) -> None:
     config = _generate_config(args)
     small, large, tokenizer = _load_pair(args)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    out = bild_jax.bild_generate(small, large, ids, config, rng=jax.random.key(args.seed))
+    rng = jax.random.key(args.seed) if config.temperature > 0 else None  # greedy: the program without a key
+    out = bild_jax.bild_generate(small, large, ids, config, rng=rng)
     for row, prompt in enumerate(prompts):
         n = int(out.lengths[row])
         tokens = [int(t) for t in out.tokens[row, :n]]

@@ -99,3 +99,14 @@ def find_profile(small: str | Path) -> Path | None:
 
     path = resolve_model_dir(small) / PROFILE_FILE
     return path if path.is_file() else None
+
+
+def profile_of(source: str | Path) -> PairProfile:
+    """The profile in the file `source`, or the one shipped with the small model `source` (a directory, hub
+    id or bundled:NAME); FileNotFoundError when there is none."""
+    if Path(source).expanduser().is_file():
+        return read_profile(Path(source).expanduser())
+    path = find_profile(source)
+    if path is None:
+        raise FileNotFoundError(f"{source} has no pair profile ({PROFILE_FILE}); `bild-jax tune` writes one")
+    return read_profile(path)

@@ -6,7 +6,8 @@ Steps (each resumable; run from the repository root):
     python experiments/train_pair.py train --size small --out runs/pair
     python experiments/train_pair.py train --size large --steps 900 --out runs/pair   # ~35 min on 2 idle cores
     python experiments/train_pair.py train --size large --out runs/pair      # resumes at 900, to 2400: ~56 min
-    python experiments/align.py --out runs/pair                              # the aligned small model
+    python experiments/align.py --small runs/pair/small/hf --large runs/pair/large/hf \
+        --out runs/pair/small-aligned/hf --work-dir runs/pair/small-aligned  # the aligned small model
     python experiments/train_pair.py bundle --out runs/pair                  # copy into bild_jax/bundled/
 
 The bundled large model was trained in those two phases: the second restarts the cosine learning-rate schedule
