@@ -224,8 +224,8 @@ def align(small: str | Path, large: str | Path, prompts: Sequence[Sequence[int]]
         steps, lr, work_dir / "checkpoints", tokens_per_step=tokens_per_step, save_every=save_every,
         description="align")
     write_history(work_dir / "history.json", history)
-    aligned = small_model.replace(params=params)
-    save_like(aligned, small, out_dir)
+    save_like(small_model.replace(params=params), small, out_dir)
+    aligned = load_model(out_dir)  # what users get: the params in the checkpoint's dtypes
     after = agreement(aligned, large_model, held_out)
     report = {"agreement_before": before, "agreement_after": after, "eval_prompts": eval_prompts,
               "train_prompts": len(train), "steps": steps, "out": str(out_dir)}
@@ -260,6 +260,7 @@ def _claim(work_dir: Path, settings: dict) -> None:
     """Records the run's settings in `work_dir`, or checks that a run found there had the same ones."""
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
     if path.is_file():
         earlier = json.loads(path.read_text())
         changed = sorted(k for k in settings.keys() | earlier.keys() if earlier.get(k) != settings.get(k))

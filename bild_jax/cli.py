@@ -286,7 +286,7 @@ def _profile_path(args) -> Path:
 def run_tune(args) -> None:
     from bild_jax.demo import DEMO_PROMPTS
     from bild_jax.profile import write_profile
-    from bild_jax.tune import UNSTABLE, tune
+    from bild_jax.tune import NEAR_BEST, UNSTABLE, tune
 
     if args.num_prompts < 2:
         raise UsageError("--num-prompts must be >= 2")
@@ -307,9 +307,10 @@ def run_tune(args) -> None:
     print(f"recommended: fallback {profile.fallback_threshold:g}, rollback {profile.rollback_threshold:g}, "
           f"max_draft {profile.max_draft}: {profile.speedup:.2f}x (5-95%: {spread['speedup'][0]:.2f}-"
           f"{spread['speedup'][1]:.2f}x), ROUGE-L {quality['bild']:.1f} vs {quality['large']:.1f} (loss 5-95%: "
-          f"{spread['rouge_l_loss'][0]:+.1f} to {spread['rouge_l_loss'][1]:+.1f}); the same point wins in "
-          f"{spread['stability']:.0%} of {quality['resamples']} resamples of the {len(prompts)} prompts")
-    if spread["stability"] < UNSTABLE:
+          f"{spread['rouge_l_loss'][0]:+.1f} to {spread['rouge_l_loss'][1]:+.1f}); over {quality['resamples']} "
+          f"resamples of the {len(prompts)} prompts it is within the loss and {NEAR_BEST:.0%} of the fastest such "
+          f"point in {spread['near_best']:.0%}, the fastest itself in {spread['stability']:.0%}")
+    if spread["near_best"] < UNSTABLE:
         print("the choice is not stable over these prompts: tune on more (--num-prompts, --prompts)")
     print(f"wrote {write_profile(profile, profile_path)}")
 

@@ -17,7 +17,8 @@ from bild_jax.profile import PairProfile
 from bild_jax.sweep import MAX_ROUGE_LOSS, run_sweep
 
 RESAMPLES = 200  # bootstrap resamples of the prompts for the spread
-UNSTABLE = 0.5   # below this share of resamples picking the same point, the prompt set is called too small
+NEAR_BEST = 0.95  # a pick is near the best of a resample when it is eligible and this fast relative to the best
+UNSTABLE = 0.5   # below this share of resamples where the pick is near the best, the prompt set is too small
 
 
 def choice_spread(runs: Sequence[SystemRun], references: Sequence[str], decode, max_rouge_loss: float,
@@ -26,26 +27,30 @@ def choice_spread(runs: Sequence[SystemRun], references: Sequence[str], decode, 
     one timed batch per prompt), each picking the fastest point within `max_rouge_loss` ROUGE-L points of the
     large model (`runs[0]`; `runs[1:]` the grid). `picked` is the grid index chosen on all prompts.
 
-    Returns {"stability": share of resamples that pick `picked`, "speedup": [5th, 95th percentile] of its
-    speedup, "rouge_l_loss": [5th, 95th percentile] of its ROUGE-L points below the large model}.
+    Returns {"stability": share of resamples that pick `picked` itself, "near_best": share in which `picked`
+    is eligible and at least NEAR_BEST of the fastest eligible point's speedup (neighbouring grid points are
+    often within noise of each other, so this is the share that says whether the choice holds), "speedup":
+    [5th, 95th percentile] of its speedup, "rouge_l_loss": [5th, 95th percentile] of its ROUGE-L points below
+    the large model}.
     """
     seconds = np.array([np.median(np.array(run.batch_seconds), axis=0) for run in runs])       # [S, prompts]
     if seconds.shape[1] != len(references):
         raise ValueError("choice_spread needs batch-1 runs: one timed batch per prompt")
     scores = np.array([[100 * rouge_l(decode(o), r) for o, r in zip(run.outputs, references)] for run in runs])
     rng = np.random.default_rng(seed)
-    same, speedups, losses = 0, [], []
+    same, near, speedups, losses = 0, 0, [], []
     for _ in range(resamples):
         rows = rng.integers(0, len(references), len(references))
         speedup = seconds[0, rows].sum() / seconds[1:, rows].sum(axis=1)                       # [S - 1]
         loss = scores[0, rows].mean() - scores[1:, rows].mean(axis=1)
         eligible = np.flatnonzero(loss <= max_rouge_loss)
-        if len(eligible) and eligible[np.argmax(speedup[eligible])] == picked:
-            same += 1
+        if len(eligible):
+            same += eligible[np.argmax(speedup[eligible])] == picked
+            near += picked in eligible and speedup[picked] >= NEAR_BEST * speedup[eligible].max()
         speedups.append(speedup[picked])
         losses.append(loss[picked])
-    return {"stability": same / resamples, "speedup": np.percentile(speedups, [5, 95]).tolist(),
-            "rouge_l_loss": np.percentile(losses, [5, 95]).tolist()}
+    return {"stability": same / resamples, "near_best": near / resamples,
+            "speedup": np.percentile(speedups, [5, 95]).tolist(), "rouge_l_loss": np.percentile(losses, [5, 95]).tolist()}
 
 
 def tune(small, large, prompts: list[list[int]], references: list[str] | None, decode, *, fallbacks, rollbacks,
@@ -66,7 +71,7 @@ def tune(small, large, prompts: list[list[int]], references: list[str] | None, d
     spread = choice_spread(result["runs"], result["references"], decode, max_rouge_loss, result["rows"].index(best))
     quality = {"metric": "ROUGE-L", "reference": "continuations" if references else "large model output",
                "bild": best["rouge_l"], "large": result["baseline"]["rouge_l"], "max_loss": max_rouge_loss,
-               "exact_match": best["exact_match"], "stability": spread["stability"],
+               "exact_match": best["exact_match"], "stability": spread["stability"], "near_best": spread["near_best"],
                "speedup_p5_p95": spread["speedup"], "loss_p5_p95": spread["rouge_l_loss"], "resamples": RESAMPLES}
     device = jax.devices()[0]
     measured_on = {"large": large_name, "prompts": prompts_name, "num_prompts": len(prompts),

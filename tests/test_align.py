@@ -284,7 +284,8 @@ def test_tune_writes_a_profile_that_generate_then_uses(aligned_llama, tmp_path, 
                                                                         float(fastest["rollback"]))
     assert profile.max_draft == 10 and profile.speedup == pytest.approx(float(fastest["speedup"]))
     assert profile.quality["reference"] == "large model output" and profile.quality["large"] == 100.0
-    assert 0 <= profile.quality["stability"] <= 1 and profile.measured_on["num_prompts"] == 4
+    assert 0 <= profile.quality["stability"] <= profile.quality["near_best"] <= 1
+    assert profile.measured_on["num_prompts"] == 4
     assert profile.measured_on["large"] == str(large_dir)
     _, said = _generate(small, large_dir, capsys=capsys)
     assert "using the pair profile" in said
@@ -324,3 +325,19 @@ def test_agreement_counts_matching_argmaxes_on_the_large_models_tokens(pairs):
         same, total = same + int((predicted[0] == predicted[1]).sum()), total + len(output)
     assert data.output_lengths.tolist() == [8, 8]
     assert agreement(small, large, data) == pytest.approx(same / total) and 0 < same < total
+
+
+def test_choice_spread_over_resampled_prompts():
+    from bild_jax.evaluation import SystemRun
+    from bild_jax.tune import choice_spread
+
+    outputs = [[1, 2], [3, 4], [5, 6], [7, 8]]
+    references = ["1 2", "3 4", "5 6", "7 8"]
+    large = SystemRun("large", outputs=outputs, batch_seconds=[[1.0] * 4])
+    twice = SystemRun("BiLD", outputs=outputs, batch_seconds=[[0.5] * 4])                 # 2x, no loss
+    thrice_wrong = SystemRun("BiLD", outputs=[[9]] * 4, batch_seconds=[[1 / 3] * 4])      # 3x, ROUGE-L 0
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    spread = choice_spread([large, twice, thrice_wrong], references, decode, max_rouge_loss=1.0, picked=0)
+    assert spread == {"stability": 1.0, "near_best": 1.0, "speedup": [2.0, 2.0], "rouge_l_loss": [0.0, 0.0]}
+    spread = choice_spread([large, twice, thrice_wrong], references, decode, max_rouge_loss=100.0, picked=0)
+    assert spread["stability"] == spread["near_best"] == 0.0  # 2x is not within 95% of 3x
