@@ -156,8 +156,8 @@ def run_systems(systems: Sequence[System | tuple[str, Callable]], prompts: Seque
     getting slower or faster mid-run shifts every system alike instead of skewing the speedups. With
     `batch_shape` (e.g. `padded_shape`), every batch whose shape a system has not seen gets such a first call
     too; without, only the first batch does. `SystemRun.batch_seconds` holds each pass's batch times (its
-    `seconds` is the median of the pass totals) and `outputs`, `from_large`, `stats` come from the first pass. `on_call(name)` follows
-    every call, first calls included.
+    `seconds` is the median of the pass totals) and `outputs`, `from_large`, `stats` come from the first
+    pass. `on_call(name)` follows every call, first calls included.
     """
     systems = [s if isinstance(s, System) else System(*s) for s in systems]
     runs = [SystemRun(s.name) for s in systems]

@@ -50,7 +50,8 @@ def choice_spread(runs: Sequence[SystemRun], references: Sequence[str], decode, 
         speedups.append(speedup[picked])
         losses.append(loss[picked])
     return {"stability": same / resamples, "near_best": near / resamples,
-            "speedup": np.percentile(speedups, [5, 95]).tolist(), "rouge_l_loss": np.percentile(losses, [5, 95]).tolist()}
+            "speedup": np.percentile(speedups, [5, 95]).tolist(),
+            "rouge_l_loss": np.percentile(losses, [5, 95]).tolist()}
 
 
 def tune(small, large, prompts: list[list[int]], references: list[str] | None, decode, *, fallbacks, rollbacks,
@@ -76,7 +77,7 @@ def tune(small, large, prompts: list[list[int]], references: list[str] | None, d
     device = jax.devices()[0]
     measured_on = {"large": large_name, "prompts": prompts_name, "num_prompts": len(prompts),
                    "max_new_tokens": max_new_tokens, "batch_size": 1, "decoding": "greedy",
-                   "device": f"{device.platform} {device.device_kind} ({os.cpu_count()} cores)",
+                   "device": f"{device.device_kind} ({os.cpu_count()} CPU cores)",
                    "date": datetime.date.today().isoformat(), "bild_jax": _version()}
     result.update(spread=spread, profile=PairProfile(
         fallback_threshold=float(best["fallback"]), rollback_threshold=float(best["rollback"]),
