@@ -85,6 +85,16 @@ class BiLDConfig:
         if self.schedule is not None and not isinstance(self.schedule, (BatchSchedule, ScheduleTable)):
             raise ValueError(f"schedule must be a BatchSchedule, a ScheduleTable or None, got {self.schedule!r}")
 
+    @classmethod
+    def from_profile(cls, source, **settings) -> "BiLDConfig":
+        """The fallback and rollback thresholds and max_draft of a pair profile (`bild_pair.json`, written by
+        `bild-jax tune`), the other fields from `settings`. `source`: the profile file, or the small model it
+        was written for (a directory, hub id or bundled:NAME). A missing or broken profile raises one error
+        line."""
+        from bild_jax.profile import profile_of
+
+        return profile_of(source).config(**settings)
+
 
 @struct.dataclass
 class BiLDPolicy:

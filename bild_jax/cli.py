@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,19 +18,23 @@ class UsageError(Exception):
 
 
 def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True, max_new_tokens: int = 64,
-                        small: str = "bundled:small") -> None:
+                        small: str = "bundled:small", from_profile: bool = False) -> None:
+    """--small, --large, --max-new-tokens and (with `thresholds`) --fallback, --rollback, --max-draft, whose
+    defaults are the library's, or with `from_profile` None: the small model's pair profile decides."""
     defaults = bild_jax.BiLDConfig()
     parser.add_argument("--small", default=small,
                         help="small model: HF-format directory, hub id or bundled:NAME (default %(default)s)")
     parser.add_argument("--large", default="bundled:large",
                         help="large model: HF-format directory, hub id or bundled:NAME (default %(default)s)")
     if thresholds:
-        parser.add_argument("--fallback", type=float, default=defaults.fallback_threshold,
-                            help="fallback threshold in [0, 1] (default %(default)s)")
-        parser.add_argument("--rollback", type=float, default=defaults.rollback_threshold,
-                            help="rollback threshold >= 0, or inf (default %(default)s)")
-    parser.add_argument("--max-draft", type=int, default=defaults.max_draft,
-                        help="small-model tokens before the large model must verify (default %(default)s)")
+        default = "the small model's pair profile, else %s" if from_profile else "%s"
+        parser.add_argument("--fallback", type=float, default=None if from_profile else defaults.fallback_threshold,
+                            help=f"fallback threshold in [0, 1] (default {default % defaults.fallback_threshold})")
+        parser.add_argument("--rollback", type=float, default=None if from_profile else defaults.rollback_threshold,
+                            help=f"rollback threshold >= 0, or inf (default {default % defaults.rollback_threshold})")
+        parser.add_argument("--max-draft", type=int, default=None if from_profile else defaults.max_draft,
+                            help="small-model tokens before the large model must verify "
+                                 f"(default {default % defaults.max_draft})")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="(default %(default)s)")
 
 
@@ -40,12 +45,21 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bild-jax", description="Big Little Decoder text generation in JAX.")
     parser.add_argument("--version", action="version", version=f"bild-jax {bild_jax.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate = commands.add_parser("generate", help="generate text with a small/large pair")
-    _add_pair_arguments(generate)
+    _add_pair_arguments(generate, from_profile=True)
+    generate.add_argument("--no-profile", action="store_true",
+                          help="ignore the small model's pair profile (bild_pair.json): library defaults")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (batched)")
@@ -67,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="fallback x rollback grid: CSV, quality-vs-speedup plot, best point")
     _add_pair_arguments(sweep, thresholds=False, max_new_tokens=48)
+    sweep.add_argument("--max-draft", type=int, default=bild_jax.BiLDConfig().max_draft, help="(default %(default)s)")
     sweep.add_argument("--prompts-file", type=Path,
                        help="demo-format JSON (prompt and continuation ids) or text, one prompt per line; "
                             "default: the bundled held-out prompts")
@@ -74,6 +89,52 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--fallbacks", type=_floats, default=[0.3, 0.5, 0.7, 0.9], help="(default 0.3,0.5,0.7,0.9)")
     sweep.add_argument("--rollbacks", type=_floats, default=[1.0, 2.0, 3.0, 5.0], help="(default 1,2,3,5)")
     sweep.add_argument("--out", type=Path, default=Path("sweep"), help="output directory (default %(default)s)")
+
+    align = commands.add_parser("align", help="fine-tune the small model on the large model's outputs (prediction "
+                                              "alignment); writes an HF-format directory")
+    _add_pair_arguments(align, thresholds=False)
+    align.add_argument("--data", required=True,
+                       help="prompt source: a .txt (one text per line), .jsonl or .parquet file, or a datasets id")
+    align.add_argument("--out", type=Path, required=True, help="output directory for the aligned small model")
+    align.add_argument("--text-field", help="the text column of .jsonl/.parquet/datasets data (default: the first "
+                                            "of text, prompt, content, input, document)")
+    align.add_argument("--split", default="train", help="datasets split (default %(default)s)")
+    align.add_argument("--num-prompts", type=int, default=4096,
+                       help="prompts, the held-out ones included (default %(default)s)")
+    align.add_argument("--prompt-tokens", type=int, default=32,
+                       help="texts are cut into prompts of this many tokens (default %(default)s)")
+    align.add_argument("--eval-prompts", type=int, default=64,
+                       help="prompts held out for agreement and speed, before and after (default %(default)s)")
+    align.add_argument("--steps", type=int, default=1000, help="(default %(default)s)")
+    align.add_argument("--batch-size", type=int, default=16, help="(default %(default)s)")
+    align.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default %(default)s)")
+    align.add_argument("--temperature", type=float, default=0.0,
+                       help="sample the large model's outputs at this temperature; 0 = greedy (default %(default)s)")
+    align.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    align.add_argument("--ignore-eos", action="store_true", help="the large model's outputs run to --max-new-tokens")
+    align.add_argument("--work-dir", type=Path,
+                       help="large-model outputs and checkpoints; a run resumes there (default OUT/alignment)")
+    align.add_argument("--no-timing", action="store_true", help="skip timing BiLD before and after")
+
+    tune = commands.add_parser("tune", help="sweep a pair and write its profile (bild_pair.json): the fastest "
+                                            "settings within a quality loss")
+    _add_pair_arguments(tune, thresholds=False, max_new_tokens=48)
+    tune.add_argument("--prompts", dest="prompts_file", type=Path,
+                      help="demo-format JSON (prompt and continuation ids) or text, one prompt per line; "
+                           "default: the bundled held-out prompts")
+    tune.add_argument("--num-prompts", type=int, default=64, help="(default %(default)s)")
+    tune.add_argument("--fallbacks", type=_floats, default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.8],
+                      help="(default 0.2,0.3,0.4,0.5,0.6,0.8)")
+    tune.add_argument("--rollbacks", type=_floats, default=[2.0, 3.0, 5.0, float("inf")],
+                      help="(default 2,3,5,inf)")
+    tune.add_argument("--max-drafts", type=_ints, default=[bild_jax.BiLDConfig().max_draft],
+                      help="(default %(default)s)")
+    tune.add_argument("--max-rouge-loss", type=float, default=1.0,
+                      help="allowed ROUGE-L loss against the large model alone, measured against the prompts' "
+                           "continuations, or the large model's output without them (default %(default)s)")
+    tune.add_argument("--out", type=Path, help="profile file or directory (default: next to the small model)")
+    tune.add_argument("--sweep-out", type=Path, default=Path("tune"),
+                      help="directory for the sweep's CSV and plot (default %(default)s)")
 
     bench = commands.add_parser("bench", help="JAX-only benchmark on this machine's backend: step costs, bandwidth "
                                               "utilization, end-to-end speed")
@@ -106,27 +167,48 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
-def _load_pair(args):
-    small, large = bild_jax.load_model(args.small), bild_jax.load_model(args.large)
+def _shared_tokenizer(args):
     small_tok, large_tok = bild_jax.load_tokenizer(args.small), bild_jax.load_tokenizer(args.large)
     if small_tok.get_vocab() != large_tok.get_vocab():
         raise UsageError(f"the tokenizers of {args.small} and {args.large} differ; BiLD needs one shared vocabulary")
-    return small, large, large_tok
+    return large_tok
+
+
+def _load_pair(args):
+    tokenizer = _shared_tokenizer(args)
+    return bild_jax.load_model(args.small), bild_jax.load_model(args.large), tokenizer
+
+
+def _generate_config(args) -> bild_jax.BiLDConfig:
+    """The BiLDConfig of `generate`: the flags given, the rest from the small model's pair profile when it has
+    one (said on stderr), else the library defaults."""
+    from bild_jax.profile import find_profile, read_profile
+    from bild_jax.schedule import ScheduleTable
+
+    schedule = None if args.schedule is None else ScheduleTable.load(args.schedule)
+    settings = dict(max_new_tokens=args.max_new_tokens, exact=args.exact, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, schedule=schedule)
+    given = {name: value for name, value in [("fallback_threshold", args.fallback),
+                                             ("rollback_threshold", args.rollback), ("max_draft", args.max_draft)]
+             if value is not None}
+    bild_jax.BiLDConfig(**given, **settings)  # a bad flag fails before anything is loaded
+    path = None if args.no_profile or len(given) == 3 else find_profile(args.small)
+    if path is None:
+        return bild_jax.BiLDConfig(**given, **settings)
+    profile = read_profile(path)
+    config = dataclasses.replace(profile.config(**settings), **given)
+    overridden = f"; given on the command line: {', '.join(f'{k} {v:g}' for k, v in given.items())}" if given else ""
+    print(f"bild-jax generate: using the pair profile {path} ({profile.describe()}){overridden}", file=sys.stderr)
+    return config
 
 
 def run_generate(args) -> None:
-    from bild_jax.schedule import ScheduleTable
-
     prompts = _read_prompts(args)
-    # Settings are checked before the models load: a bad flag fails at once.
-    schedule = None if args.schedule is None else ScheduleTable.load(args.schedule)
-    config = bild_jax.BiLDConfig(fallback_threshold=args.fallback, rollback_threshold=args.rollback,
-                                 max_draft=args.max_draft, max_new_tokens=args.max_new_tokens, exact=args.exact,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 schedule=schedule)
+    config = _generate_config(args)
     small, large, tokenizer = _load_pair(args)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    out = bild_jax.bild_generate(small, large, ids, config, rng=jax.random.key(args.seed))
+    rng = jax.random.key(args.seed) if config.temperature > 0 else None  # greedy: the program without a key
+    out = bild_jax.bild_generate(small, large, ids, config, rng=rng)
     print(f"batch of {len(prompts)}: {out.schedule.describe()}", file=sys.stderr)
     for row, prompt in enumerate(prompts):
         n = int(out.lengths[row])
@@ -181,6 +263,67 @@ def run_sweep(args) -> None:
     print(f"wrote {result['csv']} and {result['png']}")
 
 
+def run_align(args) -> None:
+    from bild_jax.align import align
+    from bild_jax.prompt_sources import prompt_windows, read_texts
+
+    for name in ("num_prompts", "prompt_tokens", "steps", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    tokenizer = _shared_tokenizer(args)
+    texts = read_texts(args.data, args.text_field, args.split)
+    prompts = prompt_windows(tokenizer, texts, args.prompt_tokens, args.num_prompts, args.seed)
+    print(f"{len(prompts)} prompts of up to {args.prompt_tokens} tokens from {len(texts)} texts of {args.data}")
+    align(args.small, args.large, prompts, args.out, eval_prompts=args.eval_prompts, steps=args.steps,
+          batch_size=args.batch_size, lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+          seed=args.seed, eos_token_id=[] if args.ignore_eos else None, work_dir=args.work_dir,
+          measure_speed=not args.no_timing)
+
+
+def _profile_path(args) -> Path:
+    """Where `tune` writes the profile: --out, else the small model's own directory (local or bundled)."""
+    from bild_jax.hub import BUNDLED_PREFIX, resolve_model_dir
+    from bild_jax.profile import PROFILE_FILE
+
+    if args.out is not None:
+        return args.out / PROFILE_FILE if args.out.is_dir() or not args.out.suffix else args.out
+    if not (args.small.startswith(BUNDLED_PREFIX) or Path(args.small).expanduser().is_dir()):
+        raise UsageError(f"{args.small} is not a local directory: pass --out for the profile")
+    return resolve_model_dir(args.small) / PROFILE_FILE
+
+
+def run_tune(args) -> None:
+    from bild_jax.demo import DEMO_PROMPTS
+    from bild_jax.profile import write_profile
+    from bild_jax.tune import NEAR_BEST, UNSTABLE, tune
+
+    if args.num_prompts < 2:
+        raise UsageError("--num-prompts must be >= 2")
+    profile_path = _profile_path(args)
+    small, large, tokenizer = _load_pair(args)
+    prompts, references = _sweep_prompts(args, tokenizer)
+    result = tune(small, large, prompts, references, tokenizer.decode, fallbacks=args.fallbacks,
+                  rollbacks=args.rollbacks, max_drafts=args.max_drafts, max_new_tokens=args.max_new_tokens,
+                  sweep_dir=args.sweep_out, max_rouge_loss=args.max_rouge_loss, large_name=args.large,
+                  prompts_name=str(args.prompts_file or DEMO_PROMPTS))
+    base, profile = result["baseline"], result["profile"]
+    print(f"large only: ROUGE-L {base['rouge_l']:.1f}, {base['tokens_per_s']:.0f} tokens/s "
+          f"(against {'the continuations' if references else 'its own output'})")
+    print(f"wrote {result['csv']} and {result['png']}")
+    if profile is None:
+        raise UsageError(f"no grid point is within {args.max_rouge_loss:g} ROUGE-L of large-only; no profile written")
+    quality, spread = profile.quality, result["spread"]
+    print(f"recommended: fallback {profile.fallback_threshold:g}, rollback {profile.rollback_threshold:g}, "
+          f"max_draft {profile.max_draft}: {profile.speedup:.2f}x (5-95%: {spread['speedup'][0]:.2f}-"
+          f"{spread['speedup'][1]:.2f}x), ROUGE-L {quality['bild']:.1f} vs {quality['large']:.1f} (loss 5-95%: "
+          f"{spread['rouge_l_loss'][0]:+.1f} to {spread['rouge_l_loss'][1]:+.1f}); over {quality['resamples']} "
+          f"resamples of the {len(prompts)} prompts it is within the loss and {NEAR_BEST:.0%} of the fastest such "
+          f"point in {spread['near_best']:.0%}, the fastest itself in {spread['stability']:.0%}")
+    if spread["near_best"] < UNSTABLE:
+        print("the choice is not stable over these prompts: tune on more (--num-prompts, --prompts)")
+    print(f"wrote {write_profile(profile, profile_path)}")
+
+
 def run_bench(args) -> None:
     from rich.console import Console
     from rich.progress import Progress
@@ -224,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        {"generate": run_generate, "demo": run_demo, "sweep": run_sweep, "bench": run_bench}[args.command](args)
+        {"generate": run_generate, "demo": run_demo, "sweep": run_sweep, "align": run_align, "tune": run_tune,
+         "bench": run_bench}[args.command](args)
     except (UsageError, ValueError, OSError, NotImplementedError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"bild-jax {args.command}: error: {message}", file=sys.stderr)

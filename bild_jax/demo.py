@@ -15,6 +15,7 @@ from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.evaluation import run_systems, summarize
 from bild_jax.generate import greedy_generate
 from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer
+from bild_jax.profile import find_profile
 
 DEMO_PROMPTS = BUNDLED_DIR / "demo_prompts.json"
 COLUMNS = [("system", "system", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"), ("speedup", "speedup", "{:.2f}x"),
@@ -44,16 +45,18 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
         models["aligned"] = load_model(aligned)
     prompts = [s["prompt"] for s in samples]
     references = [tokenizer.decode(s["continuation"]) for s in samples]
-    default = BiLDConfig(max_new_tokens=max_new_tokens)
+    configs = {"small": _profile_config(small, max_new_tokens)}
     exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
     best_small = models.get("aligned", models["small"])
     systems = [
         ("large", lambda p: greedy_generate(models["large"], p, max_new_tokens)),
         ("small", lambda p: greedy_generate(models["small"], p, max_new_tokens)),
-        ("BiLD", lambda p: bild_generate(models["small"], models["large"], p, default)),
+        ("BiLD", lambda p: bild_generate(models["small"], models["large"], p, configs["small"])),
     ]
     if aligned:
-        systems.append(("BiLD aligned", lambda p: bild_generate(models["aligned"], models["large"], p, default)))
+        configs["aligned"] = _profile_config(aligned, max_new_tokens)
+        systems.append(("BiLD aligned", lambda p: bild_generate(models["aligned"], models["large"], p,
+                                                                configs["aligned"])))
     systems.append(("BiLD exact", lambda p: bild_generate(best_small, models["large"], p, exact)))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("compiling", total=len(systems) * (len(samples) + 1))
@@ -68,9 +71,25 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
         runs = run_systems(systems, prompts, on_call=advance)
     rows = [summarize(run, runs[0], references, tokenizer.decode) for run in runs]
     console.print(_table(rows, len(samples), max_new_tokens))
+    for system, key, model_name in [("BiLD", "small", small), ("BiLD aligned", "aligned", aligned)][:len(configs)]:
+        source = "its pair profile" if find_profile(model_name) else "library defaults: no pair profile"
+        console.print(f"{system}: {_settings(configs[key])} ({source})")
+    console.print(f"BiLD exact: {_settings(exact)} (library defaults)")
     sample_run = runs[-2] if aligned else runs[2]
     console.print(_coloured_sample(tokenizer, prompts[0], sample_run))
     return rows
+
+
+def _profile_config(small: str, max_new_tokens: int) -> BiLDConfig:
+    """The settings of the small model's pair profile (`bild_pair.json`), else the library defaults."""
+    profile = find_profile(small)
+    return (BiLDConfig.from_profile(profile, max_new_tokens=max_new_tokens) if profile
+            else BiLDConfig(max_new_tokens=max_new_tokens))
+
+
+def _settings(config: BiLDConfig) -> str:
+    return (f"fallback {config.fallback_threshold:g}, rollback {config.rollback_threshold:g}, "
+            f"max_draft {config.max_draft}")
 
 
 def _table(rows: list[dict], num_prompts: int, max_new_tokens: int) -> Table:

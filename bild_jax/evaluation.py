@@ -88,7 +88,7 @@ class SystemRun:
 
     name: str
     outputs: list[list[int]] = dataclasses.field(default_factory=list)   # per prompt, from the first pass
-    pass_seconds: list[float] = dataclasses.field(default_factory=list)  # per pass over the prompts, steady state
+    batch_seconds: list[list[float]] = dataclasses.field(default_factory=list)  # per pass, per batch: steady state
     first_calls: dict[Hashable, FirstCall] = dataclasses.field(default_factory=dict)  # by batch shape
     from_large: list[list[bool]] | None = None                           # per prompt and token (BiLD only)
     stats: dict[str, int] = dataclasses.field(default_factory=dict)      # BiLD counters summed over prompts
@@ -97,6 +97,11 @@ class SystemRun:
     def num_tokens(self) -> int:
         """Tokens generated over the prompt set (one pass)."""
         return sum(len(o) for o in self.outputs)
+
+    @property
+    def pass_seconds(self) -> list[float]:
+        """Per pass over the prompts: the steady-state seconds of its batches."""
+        return [sum(batches) for batches in self.batch_seconds]
 
     @property
     def seconds(self) -> float:
@@ -150,16 +155,16 @@ def run_systems(systems: Sequence[System | tuple[str, Callable]], prompts: Seque
     first batch, timed apart (compilation); then the systems take turns batch by batch, so that a machine
     getting slower or faster mid-run shifts every system alike instead of skewing the speedups. With
     `batch_shape` (e.g. `padded_shape`), every batch whose shape a system has not seen gets such a first call
-    too; without, only the first batch does. `SystemRun.pass_seconds` holds each pass's total (its `seconds`
-    is their median) and `outputs`, `from_large`, `stats` come from the first pass. `on_call(name)` follows
-    every call, first calls included.
+    too; without, only the first batch does. `SystemRun.batch_seconds` holds each pass's batch times (its
+    `seconds` is the median of the pass totals) and `outputs`, `from_large`, `stats` come from the first
+    pass. `on_call(name)` follows every call, first calls included.
     """
     systems = [s if isinstance(s, System) else System(*s) for s in systems]
     runs = [SystemRun(s.name) for s in systems]
     batches = [[list(p) for p in prompts[i:i + batch_size]] for i in range(0, len(prompts), batch_size)]
     for repeat in range(repeats):
         for run in runs:
-            run.pass_seconds.append(0.0)
+            run.batch_seconds.append([])
         for batch in batches:
             shape = batch_shape(batch) if batch_shape else None
             first_seconds = {}  # system index -> its first call on this shape
@@ -170,7 +175,7 @@ def run_systems(systems: Sequence[System | tuple[str, Callable]], prompts: Seque
                         on_call(run.name)
             for index, (system, run) in enumerate(zip(systems, runs)):
                 out, seconds = timed(system.generate, batch)
-                run.pass_seconds[-1] += seconds
+                run.batch_seconds[-1].append(seconds)
                 if index in first_seconds:
                     run.first_calls[shape] = FirstCall(first_seconds[index], seconds)
                 if repeat == 0:

@@ -1,10 +1,12 @@
-"""`bild-jax sweep`: a fallback x rollback grid on a pair, quality vs speedup, and the recommended point."""
+"""`bild-jax sweep`: a fallback x rollback (x max_draft) grid on a pair, quality vs speedup, and the recommended
+point."""
 
 from __future__ import annotations
 
 import csv
 import itertools
 from pathlib import Path
+from typing import Sequence
 
 from rich.console import Console
 from rich.progress import Progress
@@ -23,28 +25,33 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 
 
 def run_sweep(small, large, prompts: list[list[int]], references: list[str] | None, decode, fallbacks, rollbacks,
-              max_new_tokens: int, max_draft: int, out_dir: Path, console: Console | None = None) -> dict:
-    """Runs large-only greedy and BiLD at every (fallback, rollback) point, at batch 1.
+              max_new_tokens: int, max_draft: int | Sequence[int], out_dir: Path, console: Console | None = None,
+              max_rouge_loss: float = MAX_ROUGE_LOSS) -> dict:
+    """Runs large-only greedy and BiLD at every (fallback, rollback, max_draft) point, at batch 1.
 
-    Without `references` ROUGE-L is measured against the large model's own output. Writes
-    `out_dir/sweep.csv` and `out_dir/sweep.png`; returns {"rows", "baseline", "recommended", "csv", "png"}.
+    Without `references` ROUGE-L is measured against the large model's own output. The recommended point is
+    the fastest within `max_rouge_loss` ROUGE-L points of large-only. Writes `out_dir/sweep.csv` and
+    `out_dir/sweep.png`; returns {"rows", "baseline", "recommended", "csv", "png", "runs" (the large model's
+    `SystemRun`, then one per row), "references" (the texts ROUGE-L was measured against)}.
     """
     console = console or Console()
-    grid = list(itertools.product(fallbacks, rollbacks))
+    max_drafts = [max_draft] if isinstance(max_draft, int) else list(max_draft)
+    grid = list(itertools.product(fallbacks, rollbacks, max_drafts))
     systems = [("large", lambda p: greedy_generate(large, p, max_new_tokens))]
-    for fallback, rollback in grid:
-        config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,
+    for fallback, rollback, draft in grid:
+        config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=draft,
                             max_new_tokens=max_new_tokens)
         systems.append(("BiLD", lambda p, c=config: bild_generate(small, large, p, c)))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{len(systems)} systems on {len(prompts)} prompts",
                                  total=len(systems) * (len(prompts) + 1))
-        baseline, *bild_runs = run_systems(systems, prompts, on_call=lambda _: progress.advance(task))
+        runs = run_systems(systems, prompts, on_call=lambda _: progress.advance(task))
+    baseline, *bild_runs = runs
     references = references or [decode(o) for o in baseline.outputs]
-    runs = list(zip(grid, bild_runs))
     base_row = summarize(baseline, baseline, references, decode)
-    rows = [{"fallback": f, "rollback": r, **summarize(run, baseline, references, decode)} for (f, r), run in runs]
-    eligible = [r for r in rows if r["rouge_l"] >= base_row["rouge_l"] - MAX_ROUGE_LOSS]
+    rows = [{"fallback": f, "rollback": r, "max_draft": d, **summarize(run, baseline, references, decode)}
+            for (f, r, d), run in zip(grid, bild_runs)]
+    eligible = [r for r in rows if r["rouge_l"] >= base_row["rouge_l"] - max_rouge_loss]
     recommended = max(eligible, key=lambda r: r["speedup"]) if eligible else None
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "sweep.csv", out_dir / "sweep.png"
@@ -52,11 +59,12 @@ def run_sweep(small, large, prompts: list[list[int]], references: list[str] | No
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _plot(rows, base_row, recommended, png_path)
-    return {"rows": rows, "baseline": base_row, "recommended": recommended, "csv": csv_path, "png": png_path}
+    _plot(rows, base_row, recommended, png_path, max_rouge_loss)
+    return {"rows": rows, "baseline": base_row, "recommended": recommended, "csv": csv_path, "png": png_path,
+            "runs": runs, "references": references}
 
 
-def _plot(rows: list[dict], baseline: dict, recommended: dict | None, path: Path) -> None:
+def _plot(rows: list[dict], baseline: dict, recommended: dict | None, path: Path, max_rouge_loss: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers or in CI
@@ -68,15 +76,19 @@ def _plot(rows: list[dict], baseline: dict, recommended: dict | None, path: Path
     axes.plot([r["speedup"] for r in front], [r["rouge_l"] for r in front], "o-", c="tab:orange",
               label="Pareto front")
     axes.axhline(baseline["rouge_l"], c="gray", ls="--", label="large only")
-    axes.axhline(baseline["rouge_l"] - MAX_ROUGE_LOSS, c="gray", ls=":", label=f"-{MAX_ROUGE_LOSS:g} ROUGE-L")
+    axes.axhline(baseline["rouge_l"] - max_rouge_loss, c="gray", ls=":", label=f"-{max_rouge_loss:g} ROUGE-L")
     if recommended:
         axes.scatter([recommended["speedup"]], [recommended["rouge_l"]], s=200, facecolors="none",
-                     edgecolors="red", label=f"recommended ({recommended['fallback']}, {recommended['rollback']})")
+                     edgecolors="red", label=f"recommended ({_point(recommended)})")
     for row in rows:
-        axes.annotate(f"{row['fallback']}/{row['rollback']}", (row["speedup"], row["rouge_l"]), fontsize=6)
+        axes.annotate(_point(row), (row["speedup"], row["rouge_l"]), fontsize=6)
     axes.set_xlabel("speedup over large-only (wall clock)")
     axes.set_ylabel("ROUGE-L")
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _point(row: dict) -> str:
+    return f"{row['fallback']:g}/{row['rollback']:g}/{row['max_draft']}"

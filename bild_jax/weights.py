@@ -39,11 +39,9 @@ def convert_hf_tensors(tensors: Mapping[str, np.ndarray], expected_shapes: Mappi
     flat: dict[tuple, np.ndarray] = {}
     unexpected, wrong_shapes = [], []
     for name in sorted(tensors):
-        path = param_path(name)
-        if path is None:
+        if param_path(name) is None:
             continue
-        leaves = _WEIGHT_LEAVES if path[-1] == "weight" else (path[-1],)
-        target = next((path[:-1] + (leaf,) for leaf in leaves if path[:-1] + (leaf,) in expected_shapes), None)
+        target = flax_target(name, expected_shapes, param_path)
         if target is None:
             unexpected.append(name)
             continue
@@ -66,6 +64,17 @@ def convert_hf_tensors(tensors: Mapping[str, np.ndarray], expected_shapes: Mappi
     if problems:
         raise CheckpointMismatchError("checkpoint does not match its config: " + " | ".join(problems))
     return traverse_util.unflatten_dict(flat)
+
+
+def flax_target(name: str, expected_shapes: Mapping[tuple, tuple],
+                param_path: Callable[[str], tuple[str, ...] | None]) -> tuple[str, ...] | None:
+    """The Flax parameter path an HF tensor loads into, its `weight` leaf resolved against `expected_shapes`;
+    None when the tensor carries nothing or fits no parameter."""
+    path = param_path(name)
+    if path is None:
+        return None
+    leaves = _WEIGHT_LEAVES if path[-1] == "weight" else (path[-1],)
+    return next((path[:-1] + (leaf,) for leaf in leaves if path[:-1] + (leaf,) in expected_shapes), None)
 
 
 def _hf_shape(shape, path, transpose_linear) -> tuple:

@@ -1,72 +1,70 @@
-"""Prediction alignment (BiLD paper, section 3.3): fine-tune the small model on the large model's own greedy
-continuations of training prompts (sequence-level distillation), so that it drafts what the large one would
-write.
+"""Prediction alignment of the bundled pair with `bild-jax align`: the standard library's training files as
+the prompt source, the recipe of the shipped `small-aligned` model, and its agreement for comparison.
 
-    python experiments/align.py --out runs/pair      # after train_pair.py trained both sizes (~5 min, 2 cores)
+    python experiments/align.py --out runs/align                        # from bundled:small (~15 min, 2 cores)
+    python experiments/align.py --small runs/pair/small/hf --large runs/pair/large/hf --out runs/pair/small-aligned/hf
 
-Reads `--out/small/hf` and `--out/large/hf`, writes `--out/small-aligned/hf` (HF format, like the others).
-Fine-tuning checkpoints go to `--out/small-aligned/checkpoints` and an interrupted run resumes.
+Writes the training files as JSONL (`--data`, made once), runs `bild-jax align` (4096 prompts of 32 tokens, 64
+greedy new tokens with EOS ignored, 1000 steps of 16, peak learning rate 1e-3), then reports the top-1
+agreement of `--compare` (default the shipped aligned model) on the same held-out prompts. An interrupted
+run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
-import train_pair  # noqa: E402
+import pair_data  # noqa: E402
 
 import bild_jax  # noqa: E402
-from bild_jax.models.llama import LlamaForCausalLM  # noqa: E402
+from bild_jax import cli  # noqa: E402
+from bild_jax.align import Distillation, agreement  # noqa: E402
 
-PROMPT_TOKENS = 32
-CONTINUATION_TOKENS = 64
+RECIPE = ["--num-prompts", "4096", "--prompt-tokens", "32", "--max-new-tokens", "64", "--ignore-eos", "--steps", "1000",
+          "--batch-size", "16", "--lr", "1e-3"]
 
 
-def distillation_chunks(large: bild_jax.Model, chunks: np.ndarray, count: int, batch_size: int,
-                        seed: int = 0) -> np.ndarray:
-    """[count, PROMPT_TOKENS + CONTINUATION_TOKENS] int32: training prompts + the large model's greedy
-    continuation (EOS ignored, so every row is full length)."""
-    rng = np.random.default_rng(seed)
-    picks = chunks[rng.choice(len(chunks), size=count, replace=False)]
-    offsets = rng.integers(0, chunks.shape[1] - PROMPT_TOKENS, size=count)
-    prompts = np.stack([row[o:o + PROMPT_TOKENS] for row, o in zip(picks, offsets)])
-    rows = []
-    for start in range(0, count, batch_size):
-        batch = prompts[start:start + batch_size]
-        out = bild_jax.greedy_generate(large, batch, max_new_tokens=CONTINUATION_TOKENS, eos_token_id=[])
-        rows.append(np.concatenate([batch, np.asarray(out.tokens)], axis=1))
-        print(f"continuations {start + len(batch)}/{count}", flush=True)
-    return np.concatenate(rows).astype(np.int32)
+def write_training_texts(path: Path, limit_files: int | None = None) -> None:
+    """The stdlib training files (`pair_data.stdlib_files`) as JSONL records {"text": file contents}."""
+    train_files, _ = pair_data.stdlib_files()
+    with path.open("w") as handle:
+        for text in pair_data.load_texts(train_files[:limit_files]):
+            handle.write(json.dumps({"text": text}) + "\n")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/pair"))
-    parser.add_argument("--prompts", type=int, default=4096, help="training prompts to distil")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--small", default="bundled:small")
+    parser.add_argument("--large", default="bundled:large")
+    parser.add_argument("--out", type=Path, default=Path("runs/align"))
+    parser.add_argument("--work-dir", type=Path, help="large-model outputs and checkpoints (default OUT/alignment)")
+    parser.add_argument("--data", type=Path, default=Path("runs/stdlib_train.jsonl"))
+    parser.add_argument("--compare", default="bundled:small-aligned", help="an aligned model to compare with")
     parser.add_argument("--limit-files", type=int, help="use the first N training files only (quick checks)")
-    args = parser.parse_args(argv)
-    small = bild_jax.load_model(args.out / "small" / "hf")
-    large = bild_jax.load_model(args.out / "large" / "hf")
-    target = args.out / "small-aligned"
-    data_file = target / "distillation.npy"
-    if data_file.is_file():
-        data = np.load(data_file)
-    else:
-        chunks = train_pair.corpus_chunks(args.out / "tokenizer", args.limit_files)
-        data = distillation_chunks(large, chunks, args.prompts, batch_size=64)
-        target.mkdir(parents=True, exist_ok=True)
-        np.save(data_file, data)
-    params, history = train_pair.train(LlamaForCausalLM(small.config), small.params, data, args.steps,
-                                       args.batch_size, args.lr, target / "checkpoints", description="align")
-    train_pair.save_hf(small.config, params, target / "hf", args.out / "tokenizer")
-    train_pair.write_history(target / "history.json", history)
+    args, overrides = parser.parse_known_args(argv)  # other flags go to `bild-jax align`, after the recipe's
+    if not args.data.is_file():
+        args.data.parent.mkdir(parents=True, exist_ok=True)
+        write_training_texts(args.data, args.limit_files)
+    started = time.perf_counter()
+    work = ["--work-dir", str(args.work_dir)] if args.work_dir else []
+    code = cli.main(["align", "--small", args.small, "--large", args.large, "--data", str(args.data), "--out",
+                     str(args.out), *work, *RECIPE, *overrides])
+    if code:
+        sys.exit(code)
+    print(f"bild-jax align: {time.perf_counter() - started:.0f} s in all")
+    work_dir = args.work_dir or args.out / "alignment"
+    report = json.loads((work_dir / "report.json").read_text())
+    data = Distillation.load(work_dir / "distillation.npz")
+    held_out = data.rows(slice(len(data) - report["eval_prompts"], None))
+    compared = agreement(bild_jax.load_model(args.compare), bild_jax.load_model(args.large), held_out)
+    print(f"top-1 agreement on {report['eval_prompts']} held-out prompts: {args.small} "
+          f"{100 * report['agreement_before']:.1f}%, aligned here {100 * report['agreement_after']:.1f}%, "
+          f"{args.compare} {100 * compared:.1f}%")
 
 
 if __name__ == "__main__":

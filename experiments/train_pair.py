@@ -6,7 +6,8 @@ Steps (each resumable; run from the repository root):
     python experiments/train_pair.py train --size small --out runs/pair
     python experiments/train_pair.py train --size large --steps 900 --out runs/pair   # ~35 min on 2 idle cores
     python experiments/train_pair.py train --size large --out runs/pair      # resumes at 900, to 2400: ~56 min
-    python experiments/align.py --out runs/pair                              # the aligned small model
+    python experiments/align.py --small runs/pair/small/hf --large runs/pair/large/hf \
+        --out runs/pair/small-aligned/hf --work-dir runs/pair/small-aligned  # the aligned small model
     python experiments/train_pair.py bundle --out runs/pair                  # copy into bild_jax/bundled/
 
 The bundled large model was trained in those two phases: the second restarts the cosine learning-rate schedule
@@ -22,20 +23,18 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import traverse_util
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pair_data  # noqa: E402
 
+from bild_jax.finetune import batch_indices, fine_tune, write_history  # noqa: E402
 from bild_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB_SIZE = 4096
@@ -77,63 +76,21 @@ def language_model_loss(module: LlamaForCausalLM, params, batch: jax.Array) -> j
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def make_optimizer(steps: int, peak_lr: float) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak_lr, min(200, steps // 10 + 1), steps, peak_lr / 10)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
-
-
 def batch_at(chunks: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """The batch of a step: a fixed permutation of the chunks per epoch, so resuming repeats no data."""
-    per_epoch = len(chunks) // batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng(seed + epoch).permutation(len(chunks))
-    return chunks[order[index * batch_size:(index + 1) * batch_size]]
+    """The batch of a step (`bild_jax.finetune.batch_indices`): resuming repeats no data."""
+    return chunks[batch_indices(len(chunks), step, batch_size, seed)]
 
 
 def train(module: LlamaForCausalLM, params, chunks: np.ndarray, steps: int, batch_size: int, peak_lr: float,
           checkpoint_dir: Path, seed: int = 0, save_every: int = 250, description: str = "train"):
-    """Trains with AdamW, checkpointing to `checkpoint_dir` and resuming from its latest step.
+    """Trains with `bild_jax.finetune` (AdamW, warmup + cosine, orbax checkpoints in `checkpoint_dir`, resume).
 
     chunks [n, SEQ_LEN + 1] int32. Returns (params, list of (step, loss)).
     """
-    optimizer = make_optimizer(steps, peak_lr)
-
-    @jax.jit
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: language_model_loss(module, p, batch))(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    manager = ocp.CheckpointManager(checkpoint_dir.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    state = {"params": params, "opt_state": optimizer.init(params)}
-    start = 0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        state = manager.restore(start, args=ocp.args.StandardRestore(state))
-        print(f"resumed from step {start}")
-    params, opt_state = state["params"], state["opt_state"]
-    history = []
-    tokens_per_step = batch_size * (chunks.shape[1] - 1)
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-               TimeRemainingColumn()]
-    with Progress(*columns) as progress:
-        task = progress.add_task(description, total=steps, completed=start, loss=float("nan"), tps=0.0)
-        tick = time.perf_counter()
-        for step in range(start, steps):
-            batch = jnp.asarray(batch_at(chunks, step, batch_size, seed))
-            params, opt_state, loss = train_step(params, opt_state, batch)
-            if (step + 1) % 10 == 0 or step + 1 == steps:
-                loss = float(loss)
-                history.append((step + 1, loss))
-                now = time.perf_counter()
-                progress.update(task, completed=step + 1, loss=loss,
-                                tps=tokens_per_step * min(10, step + 1 - start) / (now - tick))
-                tick = now
-            if (step + 1) % save_every == 0 or step + 1 == steps:
-                manager.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-    manager.wait_until_finished()
-    return params, history
+    return fine_tune(lambda p, batch: language_model_loss(module, p, batch), params,
+                     lambda step: jnp.asarray(batch_at(chunks, step, batch_size, seed)), steps, peak_lr,
+                     checkpoint_dir, tokens_per_step=batch_size * (chunks.shape[1] - 1), save_every=save_every,
+                     description=description)
 
 
 def hf_config(config: LlamaConfig) -> dict:
@@ -190,13 +147,6 @@ def corpus_chunks(tokenizer_dir: Path, limit_files: int | None = None) -> np.nda
             np.save(cache, stream)
     n = (len(stream) - 1) // SEQ_LEN
     return np.stack([stream[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1] for i in range(n)])
-
-
-def write_history(path: Path, history: list[tuple[int, float]]) -> None:
-    """Writes (step, loss) pairs, keeping the earlier runs' entries before this run's first step (resumes)."""
-    first = history[0][0] if history else float("inf")
-    earlier = [entry for entry in json.loads(path.read_text()) if entry[0] < first] if path.is_file() else []
-    path.write_text(json.dumps(earlier + [list(entry) for entry in history]))
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,7 @@ def test_version_and_help():
     assert result.returncode == 0 and result.stdout.strip() == f"bild-jax {bild_jax.__version__}"
     result = subprocess.run([sys.executable, "-m", "bild_jax.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("generate", "demo", "sweep"):
+    for command in ("generate", "demo", "sweep", "align", "tune"):
         assert command in result.stdout
 
 
@@ -78,7 +78,8 @@ def test_generate_samples_with_the_given_settings_and_seed(capsys):
         assert cli.main(["generate", "--prompt", "class Parser:", *SHORT, "--json", *flags]) == 0
         return json.loads(capsys.readouterr().out)["tokens"]
 
-    config = bild_jax.BiLDConfig(max_new_tokens=8, temperature=0.8, top_p=0.9)
+    # Without threshold flags, generate runs at the bundled small model's pair profile.
+    config = bild_jax.BiLDConfig.from_profile("bundled:small", max_new_tokens=8, temperature=0.8, top_p=0.9)
     expected = bild_jax.bild_generate(small, large, ids, config, rng=jax.random.key(7))
     assert cli_tokens("--temperature", "0.8", "--top-p", "0.9", "--seed", "7") == \
         [int(t) for t in expected.tokens[0, :int(expected.lengths[0])]]
@@ -93,7 +94,7 @@ def test_sweep_writes_csv_png_and_recommends(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "large only: ROUGE-L" in printed and f"wrote {out / 'sweep.csv'}" in printed
     lines = (out / "sweep.csv").read_text().splitlines()
-    assert lines[0].startswith("fallback,rollback,system,tokens_per_s,speedup,exact_match,rouge_l")
+    assert lines[0].startswith("fallback,rollback,max_draft,system,tokens_per_s,speedup,exact_match,rouge_l")
     assert len(lines) == 1 + 4
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -61,17 +61,20 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(run_dir, caps
     np.testing.assert_allclose(np.asarray(bild_jax.forward_logits(model, [ids])), ref, atol=1e-4, rtol=0)
 
 
-def test_alignment_fine_tunes_the_small_model_on_large_outputs(run_dir, capsys):
+def test_alignment_script_runs_bild_jax_align_with_the_recipe(run_dir, capsys):
     for name in ("small", "large"):
         if not (run_dir / name / "hf").is_dir():
             _train(run_dir, name, 12, capsys)
-    align.main(["--out", str(run_dir), "--prompts", "8", "--steps", "10", "--batch-size", "4", *FILES])
-    data = np.load(run_dir / "small-aligned" / "distillation.npy")
-    assert data.shape == (8, align.PROMPT_TOKENS + align.CONTINUATION_TOKENS)
-    large = bild_jax.load_model(run_dir / "large" / "hf")
-    expected = bild_jax.greedy_generate(large, data[:2, :align.PROMPT_TOKENS], max_new_tokens=align.CONTINUATION_TOKENS,
-                                        eos_token_id=[])
-    np.testing.assert_array_equal(data[:2, align.PROMPT_TOKENS:], np.asarray(expected.tokens))
-    history = json.loads((run_dir / "small-aligned" / "history.json").read_text())
-    assert history[-1][0] == 10
-    assert bild_jax.load_model(run_dir / "small-aligned" / "hf").vocab_size == 300
+    small, work = run_dir / "small" / "hf", run_dir / "small-aligned"
+    # Flags after the script's own go to `bild-jax align`, after the recipe's.
+    align.main(["--small", str(small), "--large", str(run_dir / "large" / "hf"), "--out", str(work / "hf"),
+                "--work-dir", str(work), "--data", str(run_dir / "train.jsonl"), "--compare", str(small), *FILES,
+                "--num-prompts", "24", "--eval-prompts", "4", "--steps", "10", "--batch-size", "4", "--no-timing"])
+    printed = capsys.readouterr().out
+    report = json.loads((work / "report.json").read_text())
+    before = f"{100 * report['agreement_before']:.1f}%"
+    assert f"{small} {before}, aligned here {100 * report['agreement_after']:.1f}%, {small} {before}" in printed
+    data = np.load(work / "distillation.npz")
+    assert data["outputs"].shape == (24, 64) and (data["output_lengths"] == 64).all()  # the recipe ignores EOS
+    assert json.loads((work / "history.json").read_text())[-1][0] == 10
+    assert bild_jax.load_model(work / "hf").vocab_size == 300 and not (work / "hf" / "alignment").exists()
