@@ -49,7 +49,7 @@ class Model:
         cache = self.family.init_cache(self.config, batch, capacity, self.dtype)
         if self.is_encoder_decoder:
             cache = self.family.encode_into_cache(self.module, self.params, encoder_input_ids, encoder_mask, cache)
-        return cache if self.sharding is None else self.sharding.constrain_cache(cache)
+        return cache if self.sharding is None else self.sharding.constrain_cache(cache, self.family.cache_axes(cache))
 
     def decode_block(self, tokens: jax.Array, cache) -> tuple[jax.Array, KVBlock]:
         """The one cached forward: tokens [B, K] int32 at `cache.lengths` -> (logits [B, K, V] float32, their

@@ -216,10 +216,31 @@ def hf_param_path(config: LlamaConfig, name: str) -> tuple[str, ...] | None:
     return hf_name_to_flax_path(name)
 
 
+# Dense kernels are [in, out]: projections into heads or hidden units split their output dimension,
+# projections out of them their input one.
+PARAM_AXES = (
+    (r"self_attn/q_proj/kernel$", (None, "heads")),
+    (r"self_attn/q_proj/bias$", ("heads",)),
+    (r"self_attn/[kv]_proj/kernel$", (None, "kv_heads")),
+    (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
+    (r"self_attn/o_proj/kernel$", ("heads", None)),
+    (r"mlp/(gate|up)_proj/kernel$", (None, "mlp")),
+    (r"mlp/(gate|up)_proj/bias$", ("mlp",)),
+    (r"mlp/down_proj/kernel$", ("mlp", None)),
+)
+
+
+def axis_sizes(config: LlamaConfig) -> dict[str, int]:
+    """How many heads, key/value heads and MLP hidden units the model has (what a mesh axis must divide)."""
+    return {"heads": config.num_heads, "kv_heads": config.num_kv_heads, "mlp": config.intermediate_size}
+
+
 FAMILY = ModelFamily(
     model_types=MODEL_TYPES,
     config_class=LlamaConfig,
     module=LlamaForCausalLM,
     init_cache=init_cache,
     hf_param_path=hf_param_path,
+    axis_sizes=axis_sizes,
+    param_axes=PARAM_AXES,
 )
