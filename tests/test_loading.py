@@ -84,7 +84,10 @@ def test_corrupt_safetensors_is_reported(llama_dir):
 
 def test_unknown_model_type_lists_supported_ones(llama_dir):
     _edit_config(llama_dir, model_type="bert")
-    supported = "gpt2, llama, mistral, mt5, qwen2, t5"
+    from bild_jax.models import FAMILIES
+
+    supported = ", ".join(sorted(FAMILIES))
+    assert {"gemma", "gemma2", "gemma3_text", "qwen3", "phi3"} <= set(FAMILIES)
     with pytest.raises(ValueError, match=f"unsupported model_type 'bert'; supported: {supported}"):
         bild_jax.load_model(llama_dir)
 
@@ -102,10 +105,13 @@ def test_unsupported_config_features_raise(llama_dir):
     _edit_config(llama_dir, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(NotImplementedError, match="rope type 'yarn' is not supported"):
         bild_jax.load_model(llama_dir)
-    _edit_config(llama_dir, model_type="mistral", sliding_window=8, rope_parameters={"rope_theta": 10000.0})
-    model = bild_jax.load_model(llama_dir)
-    with pytest.raises(NotImplementedError, match="sliding-window attention \\(window 8\\) is not implemented"):
-        bild_jax.greedy_generate(model, [[3, 4, 5]], max_new_tokens=4)
+    _edit_config(llama_dir, model_type="phi3", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0})
+    with pytest.raises(NotImplementedError, match="rope type 'longrope' \\(Phi-3 long-context scaling\\) is not "
+                                                  "supported: it switches between two sets of frequencies"):
+        bild_jax.load_model(llama_dir)
+    _edit_config(llama_dir, rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.75})
+    with pytest.raises(NotImplementedError, match="partial rotary embeddings"):
+        bild_jax.load_model(llama_dir)
 
 
 def test_bad_paths_and_offline_hub_ids(tmp_path, monkeypatch):
