@@ -104,9 +104,15 @@ def _read_prompts(args) -> list[str]:
 def _load_pair(args):
     small, large = bild_jax.load_model(args.small), bild_jax.load_model(args.large)
     small_tok, large_tok = bild_jax.load_tokenizer(args.small), bild_jax.load_tokenizer(args.large)
-    if small_tok.get_vocab() != large_tok.get_vocab():
-        raise UsageError(f"the tokenizers of {args.small} and {args.large} differ; BiLD needs one shared vocabulary")
-    return small, large, large_tok
+    try:
+        shared_small, shared_large = bild_jax.shared_vocabulary(small, large, small_tok, large_tok)
+    except ValueError as error:
+        raise UsageError(f"cannot pair {args.small} with {args.large}: {error}") from None
+    if shared_large.vocab_size != large.vocab_size or shared_small.vocab_size != small.vocab_size:
+        print(f"note: the vocabularies differ only by padding rows (small {small.vocab_size}, large "
+              f"{large.vocab_size}, one tokenizer of {len(large_tok)} tokens): decoding over the shared "
+              f"{shared_large.vocab_size}", file=sys.stderr)
+    return shared_small, shared_large, large_tok
 
 
 def run_generate(args) -> None:
