@@ -182,7 +182,7 @@ def test_bad_pairs_and_prompts_are_refused(bild_pair, saved_model):
     _, t5_large = bild_pair("t5")
     gpt2 = bild_jax.load_model(saved_model("gpt2")[1])
     config = BiLDConfig(max_new_tokens=N)
-    with pytest.raises(ValueError, match="vocabularies differ: small has 99 tokens, large has 97"):
+    with pytest.raises(ValueError, match="vocabularies differ: small has 99 rows, large has 97"):
         bild_generate(gpt2, large, [[3, 4]], config)
     with pytest.raises(ValueError, match="cannot pair a decoder-only small model"):
         bild_generate(small, t5_large, [[3, 4]], config)

@@ -62,15 +62,21 @@ def token_ids(value) -> tuple:
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): Gemma 2's soft-capping of attention scores and logits into (-cap, cap); x unchanged
+    when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def attention(query: jax.Array, keys, values, mask: jax.Array, bias: jax.Array | None = None,
-              scale: float = 1.0, softcap: float | None = None) -> jax.Array:
+              scale: float = 1.0, score_cap: float | None = None) -> jax.Array:
     """Grouped-query attention with scores and softmax in float32.
 
     query [B, K, H, D]; keys and values: head-major [B, Hkv, S, D] arrays (`head_major`), or tuples of such
     segments attended as one sequence of S = sum of their lengths without concatenating them (a decode step
     attends its cache, then its own block); H a multiple of Hkv; mask [B, K, S] bool; bias [B or 1, H, K, S]
-    float or None; `softcap` bounds the scaled scores to (-cap, cap) by cap * tanh(scores / cap) before the
-    bias and mask (Gemma 2). Returns [B, K, H, D] in the query's dtype.
+    float or None; `score_cap` soft-caps the scaled scores (`softcap`) before the bias and mask (Gemma 2).
+    Returns [B, K, H, D] in the query's dtype.
     """
     keys = keys if isinstance(keys, tuple) else (keys,)
     values = values if isinstance(values, tuple) else (values,)
@@ -85,8 +91,7 @@ def attention(query: jax.Array, keys, values, mask: jax.Array, bias: jax.Array |
     scores = jnp.concatenate([lax.dot_general(k, grouped, (((3,), (3,)), batch_dims),
                                               preferred_element_type=jnp.float32) for k in keys],
                              axis=2) * scale                                            # [B, Hkv, S, G*K]
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
+    scores = softcap(scores, score_cap)
     scores = scores.reshape(batch, kv_heads, -1, groups, width)                       # [B, Hkv, S, G, K]
     if bias is not None:
         bias = bias.reshape(bias.shape[0], kv_heads, groups, width, -1).transpose(0, 1, 4, 2, 3)

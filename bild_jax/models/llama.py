@@ -17,7 +17,7 @@ import numpy as np
 
 from bild_jax.cache import KVCache
 from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    kv_block, sliding_window_mask, token_ids)
+                                    kv_block, sliding_window_mask, softcap, token_ids)
 from bild_jax.models.family import ModelFamily
 from bild_jax.weights import hf_name_to_flax_path
 
@@ -191,11 +191,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    """cap * tanh(x / cap), Gemma 2's soft-capping of scores and logits; x unchanged when cap is None."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
-
-
 class LlamaAttention(nn.Module):
     config: LlamaConfig
     layer: int
@@ -218,7 +213,7 @@ class LlamaAttention(nn.Module):
         v = v.reshape(batch, width, cfg.num_kv_heads, cfg.head_dim)
         keys, values = cached_keys_values(cache, self.layer, k, v)
         scale = cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
-        out = attention(q, keys, values, mask, scale=scale, softcap=cfg.attn_softcap)
+        out = attention(q, keys, values, mask, scale=scale, score_cap=cfg.attn_softcap)
         out = nn.Dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out.reshape(batch, width, -1))
         return out, k, v
 
