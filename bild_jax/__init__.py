@@ -8,6 +8,7 @@ from bild_jax.model import Model, forward_logits
 from bild_jax.sampling import SamplingParams
 from bild_jax.sharding import (DATA_PARALLEL, TENSOR_PARALLEL, ShardingRules, make_mesh, param_partition_specs,
                                shard_params)
+from bild_jax.vocabulary import shared_vocabulary
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,5 @@ __all__ = [
     "bild_generate", "forward_logits", "greedy_decode", "greedy_generate", "load_model", "load_tokenizer",
     "make_bild_decode", "restore_converted", "sample_decode", "sample_generate", "save_converted",
     "SamplingParams", "DATA_PARALLEL", "TENSOR_PARALLEL", "ShardingRules", "make_mesh", "param_partition_specs",
-    "shard_params", "__version__",
+    "shard_params", "shared_vocabulary", "__version__",
 ]

@@ -450,8 +450,10 @@ def check_pair(small: Model, large: Model) -> None:
                          f"({small.config.model_type}) with a {kinds[large.is_encoder_decoder]} large model "
                          f"({large.config.model_type})")
     if small.vocab_size != large.vocab_size:
-        raise ValueError(f"the models' vocabularies differ: small has {small.vocab_size} tokens, large has "
-                         f"{large.vocab_size}; BiLD needs one shared tokenizer")
+        raise ValueError(f"the models' vocabularies differ: small has {small.vocab_size} rows, large has "
+                         f"{large.vocab_size}; BiLD needs one shared tokenizer. If one tokenizer serves both and "
+                         "the extra rows only pad the embedding, decode over the shared rows: small, large = "
+                         "bild_jax.shared_vocabulary(small, large, small_tokenizer, large_tokenizer)")
 
 
 _bild_decode_jit = jax.jit(bild_decode, static_argnames=("max_new_tokens", "max_draft", "pad_token_id"))

@@ -175,8 +175,18 @@ def _shared_tokenizer(args):
 
 
 def _load_pair(args):
-    tokenizer = _shared_tokenizer(args)
-    return bild_jax.load_model(args.small), bild_jax.load_model(args.large), tokenizer
+    """(small, large, tokenizer): the models cut to their shared vocabulary when they only pad it apart."""
+    small, large = bild_jax.load_model(args.small), bild_jax.load_model(args.large)
+    small_tok, large_tok = bild_jax.load_tokenizer(args.small), bild_jax.load_tokenizer(args.large)
+    try:
+        shared_small, shared_large = bild_jax.shared_vocabulary(small, large, small_tok, large_tok)
+    except ValueError as error:
+        raise UsageError(f"cannot pair {args.small} with {args.large}: {error}") from None
+    if shared_large.vocab_size != large.vocab_size or shared_small.vocab_size != small.vocab_size:
+        print(f"note: the vocabularies differ only by padding rows (small {small.vocab_size}, large "
+              f"{large.vocab_size}, one tokenizer of {len(large_tok)} tokens): decoding over the shared "
+              f"{shared_large.vocab_size}", file=sys.stderr)
+    return shared_small, shared_large, large_tok
 
 
 def _generate_config(args) -> bild_jax.BiLDConfig:

@@ -98,7 +98,8 @@ def _read_safetensors_file(file: Path) -> dict[str, np.ndarray]:
 
 
 def load_model(path_or_hub_id: str | Path, dtype=jnp.float32) -> Model:
-    """Loads an HF checkpoint (gpt2, llama, mistral, qwen2, t5, mt5) as a `Model` with params in `dtype`.
+    """Loads an HF checkpoint of a supported `model_type` (`bild_jax.models.FAMILIES`) as a `Model` with
+    params in `dtype`.
 
     `path_or_hub_id`: an HF-format directory (config.json + model.safetensors or a sharded index) or a hub id.
     """
@@ -109,6 +110,8 @@ def load_model(path_or_hub_id: str | Path, dtype=jnp.float32) -> Model:
     family = family_for(hf_config["model_type"])
     config = family.config_class.from_hf(hf_config)
     tensors = read_safetensors(model_dir)
+    if family.split_hf_tensors is not None:
+        tensors = family.split_hf_tensors(config, tensors)
     params = convert_hf_tensors(tensors, param_shapes(family, config), lambda name: family.hf_param_path(config, name),
                                 transpose_linear=family.transpose_linear, dtype=jnp.dtype(dtype))
     return Model(config=config, params=jax.tree_util.tree_map(jnp.asarray, params))

@@ -21,6 +21,9 @@ class Model:
     # A `bild_jax.sharding.ModelSharding` once `shard_params` placed the params on a mesh: it also lays
     # out the caches this model creates. Static, so a sharded model compiles its own program.
     sharding: Any = struct.field(pytree_node=False, default=None)
+    # Logits cover only the first `shared_vocab_size` rows when set (`with_vocab_size`): a pair whose
+    # checkpoints pad the vocabulary differently decodes over the rows both have. Static: part of the shapes.
+    shared_vocab_size: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def family(self) -> ModelFamily:
@@ -40,7 +43,20 @@ class Model:
 
     @property
     def vocab_size(self) -> int:
-        return self.config.vocab_size
+        """The rows its logits have: the config's vocabulary, or the shared part of it (`with_vocab_size`)."""
+        return self.config.vocab_size if self.shared_vocab_size is None else self.shared_vocab_size
+
+    def with_vocab_size(self, size: int) -> "Model":
+        """The model with its logits cut to the first `size` rows of its vocabulary (an int in
+        [1, config.vocab_size]): the padding rows past `size` can then never win, in any decoding mode."""
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.config.vocab_size:
+            raise ValueError(f"vocabulary size must be an int in [1, {self.config.vocab_size}] (the "
+                             f"{self.config.model_type} model's rows), got {size!r}")
+        return self.replace(shared_vocab_size=None if size == self.config.vocab_size else size)
+
+    def _cut(self, logits: jax.Array) -> jax.Array:
+        # A static slice at the output: the decode loops only ever see the shared rows.
+        return logits if self.shared_vocab_size is None else logits[..., :self.shared_vocab_size]
 
     def start_cache(self, batch: int, capacity: int, encoder_input_ids: jax.Array | None = None,
                     encoder_mask: jax.Array | None = None):
@@ -49,13 +65,14 @@ class Model:
         cache = self.family.init_cache(self.config, batch, capacity, self.dtype)
         if self.is_encoder_decoder:
             cache = self.family.encode_into_cache(self.module, self.params, encoder_input_ids, encoder_mask, cache)
-        return cache if self.sharding is None else self.sharding.constrain_cache(cache)
+        return cache if self.sharding is None else self.sharding.constrain_cache(cache, self.family.cache_axes(cache))
 
     def decode_block(self, tokens: jax.Array, cache) -> tuple[jax.Array, KVBlock]:
         """The one cached forward: tokens [B, K] int32 at `cache.lengths` -> (logits [B, K, V] float32, their
         keys/values as a `KVBlock`). The cache is only read; `cache.write(block)` puts the block in."""
         method = self.module.decode if self.is_encoder_decoder else self.module.__call__
-        return self.module.apply({"params": self.params}, tokens, cache, method=method)
+        logits, block = self.module.apply({"params": self.params}, tokens, cache, method=method)
+        return self._cut(logits), block
 
     def decode(self, tokens: jax.Array, cache) -> tuple[jax.Array, Any]:
         """`decode_block`, then the block written in: logits [B, K, V] float32 and the cache with its lengths
@@ -90,12 +107,12 @@ def param_shapes(family: ModelFamily, config) -> dict[tuple, tuple]:
 @jax.jit
 def _forward(model: Model, input_ids, decoder_input_ids, attention_mask):
     if model.is_encoder_decoder:
-        return model.module.apply({"params": model.params}, input_ids, decoder_input_ids, attention_mask)
-    return model.module.apply({"params": model.params}, input_ids, None, attention_mask)[0]
+        return model._cut(model.module.apply({"params": model.params}, input_ids, decoder_input_ids, attention_mask))
+    return model._cut(model.module.apply({"params": model.params}, input_ids, None, attention_mask)[0])
 
 
 def forward_logits(model: Model, input_ids, decoder_input_ids=None, attention_mask=None) -> jax.Array:
-    """Full forward without a cache: logits [B, T, V] float32 for input_ids [B, T] int32.
+    """Full forward without a cache: logits [B, T, V] float32 for input_ids [B, T] int32 (V: `model.vocab_size`).
 
     Encoder-decoder models need `decoder_input_ids` [B, K] and return [B, K, V]; `attention_mask` [B, T]
     marks real tokens of `input_ids` (decoder-only: right padding only, positions count from 0).

@@ -44,41 +44,6 @@ TENSOR_PARALLEL = ShardingRules()
 # Whole model on every device, only the rows split: e.g. for a small model next to a sharded large one.
 DATA_PARALLEL = ShardingRules(heads=None, kv_heads=None, mlp=None)
 
-# Logical axes of the parameters, per family: (regex on the "/"-joined Flax path, one logical axis or
-# None per dimension). Dense kernels are [in, out]: projections into heads or hidden units split their
-# output dimension, projections out of them their input one. Unlisted parameters are replicated.
-_LLAMA_AXES = (
-    (r"self_attn/q_proj/kernel$", (None, "heads")),
-    (r"self_attn/q_proj/bias$", ("heads",)),
-    (r"self_attn/[kv]_proj/kernel$", (None, "kv_heads")),
-    (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
-    (r"self_attn/o_proj/kernel$", ("heads", None)),
-    (r"mlp/(gate|up)_proj/kernel$", (None, "mlp")),
-    (r"mlp/(gate|up)_proj/bias$", ("mlp",)),
-    (r"mlp/down_proj/kernel$", ("mlp", None)),
-)
-# c_attn [D, 3D] holds q | k | v side by side: split over its columns, a device would hold a mix of q, k and
-# v blocks, so it stays replicated. Attention itself still splits by heads, following the sharded cache.
-_GPT2_AXES = (
-    (r"attn/c_proj/kernel$", ("heads", None)),
-    (r"mlp/c_fc/kernel$", (None, "mlp")),
-    (r"mlp/c_fc/bias$", ("mlp",)),
-    (r"mlp/c_proj/kernel$", ("mlp", None)),
-)
-_T5_AXES = (
-    (r"Attention/q/kernel$", (None, "heads")),
-    (r"Attention/[kv]/kernel$", (None, "kv_heads")),
-    (r"Attention/o/kernel$", ("heads", None)),
-    (r"relative_attention_bias/embedding$", (None, "heads")),
-    (r"DenseReluDense/wi(_0|_1)?/kernel$", (None, "mlp")),
-    (r"DenseReluDense/wo/kernel$", ("mlp", None)),
-)
-# family (its first model_type) -> (logical axis sizes of a config, parameter axes)
-_FAMILY_AXES = {
-    "llama": (lambda c: {"heads": c.num_heads, "kv_heads": c.num_kv_heads, "mlp": c.intermediate_size}, _LLAMA_AXES),
-    "gpt2": (lambda c: {"heads": c.n_head, "kv_heads": c.n_head, "mlp": c.n_inner}, _GPT2_AXES),
-    "t5": (lambda c: {"heads": c.num_heads, "kv_heads": c.num_heads, "mlp": c.d_ff}, _T5_AXES),
-}
 _NOUNS = {"batch": "prompt rows", "heads": "attention heads", "kv_heads": "key/value heads",
           "mlp": "MLP hidden units"}
 
@@ -129,23 +94,15 @@ def _split_axis(mesh: Mesh, axis: str | None, count: int, what: str, strict: boo
     return None
 
 
-def _family_axes(model: Model):
-    family = model.family.model_types[0]
-    if family not in _FAMILY_AXES:
-        raise NotImplementedError(f"no sharding rules for the {family} family (supported: {sorted(_FAMILY_AXES)})")
-    return _FAMILY_AXES[family]
-
-
 def _resolved_axes(model: Model, mesh: Mesh, rules: ShardingRules, strict: bool) -> dict[str, str | None]:
     """Logical axis -> mesh axis it is split over (None: replicated) for this model's dimensions."""
-    sizes, _ = _family_axes(model)
     return {logical: _split_axis(mesh, getattr(rules, logical), count,
                                  f"{_NOUNS[logical]} of the {model.config.model_type} model", strict)
-            for logical, count in sizes(model.config).items()}
+            for logical, count in model.family.axis_sizes(model.config).items()}
 
 
 def _param_specs(model: Model, resolved: dict[str, str | None]):
-    _, param_axes = _family_axes(model)
+    param_axes = model.family.param_axes
 
     def spec(path, leaf) -> PartitionSpec:
         name = "/".join(str(getattr(key, "key", key)) for key in path)
@@ -175,20 +132,20 @@ class ModelSharding:
     heads_axis: str | None
     strict: bool = False
 
-    def constrain_cache(self, cache):
-        """The cache (any family's) laid out on the mesh: every leaf is [B, ...] with rows over `batch_axis`
-        when it divides B; 4-D leaves are head-major [B, heads, S, D] with heads over `heads_axis`."""
+    def constrain_cache(self, cache, logical_axes):
+        """The cache laid out on the mesh: `logical_axes` (the family's `cache_axes(cache)`) names the logical
+        axis of each leaf's dimensions; `batch` goes over `batch_axis` when it divides the leaf's rows,
+        `kv_heads` over `heads_axis`."""
         batch_size = _axis_size(self.mesh, self.batch_axis)
+        mesh_axes = {"batch": self.batch_axis, "kv_heads": self.heads_axis}
 
-        def constrain(leaf):
-            dims = [None] * leaf.ndim
-            if leaf.ndim and leaf.shape[0] % batch_size == 0:
-                dims[0] = self.batch_axis
-            if leaf.ndim == 4:
-                dims[1] = self.heads_axis
+        def constrain(axes: PartitionSpec, leaf):
+            dims = [mesh_axes[axis] if axis is not None else None for axis in axes]
+            if "batch" in axes and leaf.shape[axes.index("batch")] % batch_size:
+                dims[axes.index("batch")] = None
             return jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, PartitionSpec(*dims)))
 
-        return jax.tree_util.tree_map(constrain, cache)
+        return jax.tree_util.tree_map(constrain, logical_axes, cache, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def shard_params(model: Model, mesh: Mesh | Mapping[str, int], rules: ShardingRules = TENSOR_PARALLEL,

@@ -52,8 +52,8 @@ def _perturbed(model, scale: float, seed: int):
 
 # Final-norm weights per family: scaling them sharpens the next-token distribution, so that random
 # models have confident steps as well as unsure ones.
-_FINAL_NORMS = {"llama": [("norm", "weight")], "gpt2": [("ln_f", "scale"), ("ln_f", "bias")],
-                "t5": [("decoder", "final_layer_norm", "weight")]}
+_FINAL_NORMS = {"llama": [("norm", "weight")], "gemma3_text": [("norm", "weight")], "qwen3": [("norm", "weight")],
+                "gpt2": [("ln_f", "scale"), ("ln_f", "bias")], "t5": [("decoder", "final_layer_norm", "weight")]}
 
 
 def _sharpened(model, factor: float):
@@ -62,8 +62,33 @@ def _sharpened(model, factor: float):
 
     flat = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: x, model.params))
     for path in _FINAL_NORMS[model.config.model_type]:
-        flat[path] = flat[path] * factor
+        if getattr(model.config, "gemma_norms", False):  # the scale is 1 + weight
+            flat[path] = factor * (1 + flat[path]) - 1
+        else:
+            flat[path] = flat[path] * factor
     return model.replace(params=traverse_util.unflatten_dict(flat))
+
+
+PADDED_VOCAB = 96  # rows of the small Qwen3 model; the large one ("qwen3", 103 rows) pads 7 more
+
+
+def _padded_pair(large):
+    """A Qwen3 pair whose large model pads the small one's vocabulary: the small model is a perturbed copy
+    cut to PADDED_VOCAB rows; the large model's padding rows are made to win most steps (4 x the logits of
+    tokens 3..9), so that decoding over them could not go unnoticed. Returns (small, large) unrestricted."""
+    import dataclasses
+
+    import jax
+
+    params = jax.tree_util.tree_map(lambda x: x, large.params)
+    head = params["lm_head"]["kernel"]
+    params["lm_head"]["kernel"] = head.at[:, PADDED_VOCAB:].set(4 * head[:, 3:3 + head.shape[1] - PADDED_VOCAB])
+    large = large.replace(params=params)
+    small_params = jax.tree_util.tree_map(lambda x: x, params)
+    small_params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"][:PADDED_VOCAB]
+    small_params["lm_head"]["kernel"] = params["lm_head"]["kernel"][:, :PADDED_VOCAB]
+    small = large.replace(config=dataclasses.replace(large.config, vocab_size=PADDED_VOCAB), params=small_params)
+    return _perturbed(small, 0.2, seed=7), large
 
 
 @pytest.fixture(scope="session")
@@ -71,14 +96,16 @@ def bild_pair(saved_model, tmp_path_factory):
     """bild_pair(kind) -> (small, large) bild_jax Models sharing a vocabulary.
 
     "llama": a Llama large model and a perturbed copy as the small one; "mixed": a GPT-2 small model with
-    the Llama large one; "t5": a T5 v1.0 large model and a perturbed copy.
+    the Llama large one; "t5": a T5 v1.0 large model and a perturbed copy; "gemma3": Gemma 3 (sliding
+    window, untied) and a perturbed copy; "qwen3-padded": `_padded_pair`, both cut to the shared rows.
     """
     import bild_jax
     import jax
 
     @functools.cache
     def build(kind: str):
-        large_name = {"llama": "llama-gqa", "mixed": "llama-gqa", "t5": "t5-v1.0"}[kind]
+        large_name = {"llama": "llama-gqa", "mixed": "llama-gqa", "t5": "t5-v1.0", "gemma3": "gemma3-untied",
+                      "qwen3-padded": "qwen3"}[kind]
         large = bild_jax.load_model(saved_model(large_name)[1])
         if kind == "t5":
             # Random tied std-1 embeddings dominate T5's residual stream, so greedy decoding just repeats a
@@ -91,6 +118,9 @@ def bild_pair(saved_model, tmp_path_factory):
             directory = tmp_path_factory.mktemp("gpt2-v97")
             build_hf_model("gpt2-v97", seed=3).save_pretrained(directory)
             return _sharpened(bild_jax.load_model(directory), 50.0), large
+        if kind == "qwen3-padded":
+            small, large = _padded_pair(large)
+            return small, large.with_vocab_size(PADDED_VOCAB)
         return _perturbed(large, 0.2, seed=7), large
 
     return build

@@ -41,7 +41,7 @@ def _eos_from(greedy_tokens: np.ndarray) -> int:
 
 
 @pytest.mark.parametrize("kind,max_draft", [("llama", 1), ("llama", 3), ("llama", 8), ("mixed", 1), ("mixed", 4),
-                                            ("t5", 2), ("t5", 5)])
+                                            ("t5", 2), ("t5", 5), ("gemma3", 3), ("qwen3-padded", 3)])
 def test_exact_mode_equals_large_greedy(bild_pair, kind, max_draft):
     small, large = bild_pair(kind)
     prompts = _prompts(large.vocab_size)
@@ -184,7 +184,7 @@ def test_bad_pairs_and_prompts_are_refused(bild_pair, saved_model):
     _, t5_large = bild_pair("t5")
     gpt2 = bild_jax.load_model(saved_model("gpt2")[1])
     config = BiLDConfig(max_new_tokens=N)
-    with pytest.raises(ValueError, match="vocabularies differ: small has 99 tokens, large has 97"):
+    with pytest.raises(ValueError, match="vocabularies differ: small has 99 rows, large has 97"):
         bild_generate(gpt2, large, [[3, 4]], config)
     with pytest.raises(ValueError, match="cannot pair a decoder-only small model"):
         bild_generate(small, t5_large, [[3, 4]], config)

@@ -128,4 +128,4 @@ def test_empty_prompts_file_and_mismatched_tokenizers(tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(vocab))
     result = subprocess.run([sys.executable, "-m", "bild_jax.cli", "generate", "--small", str(other), "--prompt", "x"],
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "tokenizers of" in result.stderr and "differ" in result.stderr
+    assert result.returncode == 2 and "cannot pair" in result.stderr and "differ in real tokens" in result.stderr

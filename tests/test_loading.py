@@ -84,7 +84,10 @@ def test_corrupt_safetensors_is_reported(llama_dir):
 
 def test_unknown_model_type_lists_supported_ones(llama_dir):
     _edit_config(llama_dir, model_type="bert")
-    supported = "gpt2, llama, mistral, mt5, qwen2, t5"
+    from bild_jax.models import FAMILIES
+
+    supported = ", ".join(sorted(FAMILIES))
+    assert {"gemma", "gemma2", "gemma3_text", "qwen3", "phi3"} <= set(FAMILIES)
     with pytest.raises(ValueError, match=f"unsupported model_type 'bert'; supported: {supported}"):
         bild_jax.load_model(llama_dir)
 
@@ -102,10 +105,13 @@ def test_unsupported_config_features_raise(llama_dir):
     _edit_config(llama_dir, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(NotImplementedError, match="rope type 'yarn' is not supported"):
         bild_jax.load_model(llama_dir)
-    _edit_config(llama_dir, model_type="mistral", sliding_window=8, rope_parameters={"rope_theta": 10000.0})
-    model = bild_jax.load_model(llama_dir)
-    with pytest.raises(NotImplementedError, match="sliding-window attention \\(window 8\\) is not implemented"):
-        bild_jax.greedy_generate(model, [[3, 4, 5]], max_new_tokens=4)
+    _edit_config(llama_dir, model_type="phi3", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0})
+    with pytest.raises(NotImplementedError, match="rope type 'longrope' \\(Phi-3 long-context scaling\\) is not "
+                                                  "supported: it switches between two sets of frequencies"):
+        bild_jax.load_model(llama_dir)
+    _edit_config(llama_dir, rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.75})
+    with pytest.raises(NotImplementedError, match="partial rotary embeddings"):
+        bild_jax.load_model(llama_dir)
 
 
 def test_bad_paths_and_offline_hub_ids(tmp_path, monkeypatch):
@@ -174,3 +180,25 @@ def test_padded_ids_with_attention_mask_equal_ragged_lists(saved_model):
     for ids, mask in ((left, left_mask), (right, left_mask[:, ::-1])):
         out = bild_jax.greedy_generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[])
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+
+
+def test_older_hub_configs_without_layer_types():
+    """Configs written before transformers v5 (no `layer_types`, Gemma 3's `rope_local_base_freq`): the
+    sliding layers and RoPE bases follow each family's rule, as HF derives them."""
+    from bild_jax.models.llama import LlamaConfig
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4, head_dim=8)
+    gemma3 = LlamaConfig.from_hf(dict(base, model_type="gemma3_text", num_hidden_layers=7, sliding_window=512,
+                                      sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                                      rope_scaling={"rope_type": "linear", "factor": 8.0}, query_pre_attn_scalar=256))
+    assert gemma3.sliding_layers == (True, True, True, True, True, False, True)
+    assert (gemma3.rope_theta, gemma3.local_rope_theta) == (1000000.0, 10000.0)
+    assert dict(gemma3.rope_scaling) == {"rope_type": "linear", "factor": 8.0}
+    assert gemma3.attention_scale == 256 ** -0.5 and gemma3.qk_norm and gemma3.sandwich_norms
+    gemma2 = LlamaConfig.from_hf(dict(base, model_type="gemma2", num_hidden_layers=4, sliding_window=4096,
+                                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_act="gelu"))
+    assert gemma2.sliding_layers == (True, False, True, False) and gemma2.tie_word_embeddings
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.hidden_act) == (50.0, 30.0, "gelu_pytorch_tanh")
+    qwen2 = dict(base, model_type="qwen2", num_hidden_layers=4, sliding_window=4096, max_window_layers=2)
+    assert LlamaConfig.from_hf(qwen2).sliding_window is None  # use_sliding_window defaults to False
+    assert LlamaConfig.from_hf(dict(qwen2, use_sliding_window=True)).sliding_layers == (False, False, True, True)

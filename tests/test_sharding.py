@@ -23,15 +23,17 @@ def summary(bild_pair, tmp_path_factory):
     """The merged JSON summaries of tests/sharding_check.py with 8 host devices, one process per pair (XLA
     compiles on one core, so two processes halve the time on two)."""
     pairs = {kind: tuple(model.replace(params=jax.tree_util.tree_map(np.asarray, model.params))
-                         for model in bild_pair(kind)) for kind in ("llama", "t5", "mixed")}
+                         for model in bild_pair(kind)) for kind in ("llama", "t5", "mixed", "gemma3")}
     pairs_file = tmp_path_factory.mktemp("sharding") / "pairs.pkl"
     pairs_file.write_bytes(pickle.dumps(pairs))
     # conftest's compile-time flags come along in XLA_FLAGS.
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     script = str(Path(__file__).with_name("sharding_check.py"))
+    # The Gemma 3 pair's one mesh goes with T5, the lighter of the two processes.
+    processes = (["t5", "--one-mesh", "gemma3"], ["llama", "--extras"])
     runs = [subprocess.Popen([sys.executable, script, str(pairs_file), *args], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for args in (["t5"], ["llama", "--extras"])]
+                             stderr=subprocess.PIPE, text=True) for args in processes]
     summary = {}
     for run in runs:
         stdout, stderr = run.communicate(timeout=600)
@@ -49,7 +51,16 @@ def test_sharded_output_equals_single_device(summary, kind, mesh):
     assert result["bild_equal"], result
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_new_decoder_family_sharded_equals_single_device(summary):
+    """Gemma 3 (sliding-window layers, q/k norms) on a 4 x 2 mesh: both head kinds and the cache split."""
+    result = summary["gemma3"]["4x2"]
+    assert result["greedy_equal"] and result["bild_equal"], result
+    assert result["params"] == {"heads": [None, "model"], "kv_heads": [None, "model"], "mlp": ["model", None]}
+    assert result["cache_keys"] == ["data", "model", None, None]
+    assert not result["warnings"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5", "gemma3"])
 def test_reference_bild_run_uses_both_models(summary, kind):
     """Equality only means something if the BiLD runs draft, fall back and roll back."""
     stats = summary[kind]["reference_stats"]
@@ -85,7 +96,7 @@ def test_gpt2_small_model_sharded_equals_single_device(summary):
     assert summary["gpt2_small_equal"]
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "gpt2", "t5-v1.0", "t5-v1.1"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "gemma3-untied", "phi3", "gpt2", "t5-v1.0", "t5-v1.1"])
 def test_rules_name_parameters_of_each_family(name):
     """With every logical axis split: which parameters each family's rules match, and at which dimension."""
     import transformers
@@ -105,7 +116,8 @@ def test_rules_name_parameters_of_each_family(name):
                                   {"heads": "model", "kv_heads": "model", "mlp": "model"})
     split = {"/".join(path): tuple(spec) for path, spec in traverse_util.flatten_dict(
         specs, is_leaf=lambda _, x: isinstance(x, jax.sharding.PartitionSpec)).items() if any(spec)}
-    layer = {"llama-gqa": "layers_0/", "qwen2-bias": "layers_0/", "gpt2": "h_0/",
+    layer = {"llama-gqa": "layers_0/", "qwen2-bias": "layers_0/", "gemma3-untied": "layers_0/", "phi3": "layers_0/",
+             "gpt2": "h_0/",
              "t5-v1.0": "decoder/block_0/", "t5-v1.1": "decoder/block_0/"}[name]
     expected = {
         "llama-gqa": {"self_attn/q_proj/kernel": (None, "model"), "self_attn/k_proj/kernel": (None, "model"),
@@ -122,6 +134,7 @@ def test_rules_name_parameters_of_each_family(name):
                       "layer_2/DenseReluDense/wo/kernel": ("model", None)},
     }
     expected["qwen2-bias"] = expected["llama-gqa"] | {f"self_attn/{p}_proj/bias": ("model",) for p in "qkv"}
+    expected["gemma3-untied"] = expected["phi3"] = expected["llama-gqa"]  # q/k and sandwich norms replicated
     expected["t5-v1.1"] = {k: v for k, v in expected["t5-v1.0"].items() if "/wi/" not in k} | {
         "layer_2/DenseReluDense/wi_0/kernel": (None, "model"), "layer_2/DenseReluDense/wi_1/kernel": (None, "model")}
     assert {k.removeprefix(layer): v for k, v in split.items() if k.startswith(layer)} == expected[name]

@@ -20,10 +20,38 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
                              high_freq_factor=4.0, original_max_position_embeddings=16))),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         vocab_size=89, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, sliding_window=None, max_position_embeddings=128)),
+        num_key_value_heads=1, head_dim=16, sliding_window=4, max_position_embeddings=128)),
     "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         vocab_size=103, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_parameters=dict(rope_theta=1000.0))),
+        num_key_value_heads=2, max_position_embeddings=128, rope_parameters=dict(rope_theta=1000.0),
+        use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # The decoder-only variants: sliding windows of 3-5 tokens (the parity tests run 9-21 token contexts),
+    # MQA / GQA / MHA, tied and untied heads, soft-capping that bites (random weights larger than HF's
+    # default init, so that scores and logits reach the caps).
+    "gemma-mqa": ("GemmaConfig", "GemmaForCausalLM", dict(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=128, hidden_act="gelu",
+        initializer_range=0.1)),
+    "gemma2-softcap": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=4,
+        query_pre_attn_scalar=12, attn_logit_softcapping=1.0, final_logit_softcapping=2.0,
+        initializer_range=0.2)),
+    "gemma3-untied": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        vocab_size=89, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=12,
+        tie_word_embeddings=False, initializer_range=0.1,
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=10000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=100.0)})),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        vocab_size=103, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=5, max_window_layers=1, initializer_range=0.1)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, original_max_position_embeddings=128,
+        sliding_window=5, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)),
     # GPT2Config defaults bos/eos to 50256, which lies outside a tiny vocabulary.
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),

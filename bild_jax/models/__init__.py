@@ -1,12 +1,24 @@
-"""Model families, looked up by HF `model_type`."""
+"""Model families, looked up by HF `model_type`.
+
+The registry: one line per family module, each of which defines `FAMILY` (a `ModelFamily`).
+"""
 
 from __future__ import annotations
 
-from bild_jax.models import gpt2, llama, t5
+import importlib
+
 from bild_jax.models.family import ModelFamily
 
-_FAMILIES: tuple[ModelFamily, ...] = (llama.FAMILY, gpt2.FAMILY, t5.FAMILY)
+_FAMILY_MODULES = (
+    "llama",
+    "gpt2",
+    "t5",
+)
+
+_FAMILIES: tuple[ModelFamily, ...] = tuple(importlib.import_module(f"bild_jax.models.{name}").FAMILY
+                                           for name in _FAMILY_MODULES)
 FAMILIES: dict[str, ModelFamily] = {t: family for family in _FAMILIES for t in family.model_types}
+assert len(FAMILIES) == sum(len(family.model_types) for family in _FAMILIES), "a model_type in two families"
 
 
 def family_for(model_type: str) -> ModelFamily:

@@ -173,11 +173,28 @@ def hf_param_path(config: GPT2Config, name: str) -> tuple[str, ...] | None:
     return hf_name_to_flax_path(name)
 
 
+# c_attn [D, 3D] holds q | k | v side by side: split over its columns, a device would hold a mix of q, k and
+# v blocks, so it stays replicated. Attention itself still splits by heads, following the sharded cache.
+PARAM_AXES = (
+    (r"attn/c_proj/kernel$", ("heads", None)),
+    (r"mlp/c_fc/kernel$", (None, "mlp")),
+    (r"mlp/c_fc/bias$", ("mlp",)),
+    (r"mlp/c_proj/kernel$", ("mlp", None)),
+)
+
+
+def axis_sizes(config: GPT2Config) -> dict[str, int]:
+    """How many heads (also key/value heads) and MLP hidden units the model has."""
+    return {"heads": config.n_head, "kv_heads": config.n_head, "mlp": config.n_inner}
+
+
 FAMILY = ModelFamily(
     model_types=("gpt2",),
     config_class=GPT2Config,
     module=GPT2LMHeadModel,
     init_cache=init_cache,
     hf_param_path=hf_param_path,
+    axis_sizes=axis_sizes,
+    param_axes=PARAM_AXES,
     transpose_linear=False,
 )

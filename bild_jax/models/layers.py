@@ -14,15 +14,22 @@ from bild_jax.cache import KVBlock, KVCache, attended_positions
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as the HF Llama and T5 references do."""
+    """Root-mean-square norm over the last axis computed in float32, as the HF Llama and T5 references do.
+
+    `unit_offset` (Gemma): the scale is 1 + weight and multiplies in float32 before the cast back.
+    """
 
     eps: float
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        weight = self.param("weight", init, (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
         return weight * normed.astype(x.dtype)
 
 
@@ -55,14 +62,21 @@ def token_ids(value) -> tuple:
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): Gemma 2's soft-capping of attention scores and logits into (-cap, cap); x unchanged
+    when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def attention(query: jax.Array, keys, values, mask: jax.Array, bias: jax.Array | None = None,
-              scale: float = 1.0) -> jax.Array:
+              scale: float = 1.0, score_cap: float | None = None) -> jax.Array:
     """Grouped-query attention with scores and softmax in float32.
 
     query [B, K, H, D]; keys and values: head-major [B, Hkv, S, D] arrays (`head_major`), or tuples of such
     segments attended as one sequence of S = sum of their lengths without concatenating them (a decode step
     attends its cache, then its own block); H a multiple of Hkv; mask [B, K, S] bool; bias [B or 1, H, K, S]
-    float or None. Returns [B, K, H, D] in the query's dtype.
+    float or None; `score_cap` soft-caps the scaled scores (`softcap`) before the bias and mask (Gemma 2).
+    Returns [B, K, H, D] in the query's dtype.
     """
     keys = keys if isinstance(keys, tuple) else (keys,)
     values = values if isinstance(values, tuple) else (values,)
@@ -77,6 +91,7 @@ def attention(query: jax.Array, keys, values, mask: jax.Array, bias: jax.Array |
     scores = jnp.concatenate([lax.dot_general(k, grouped, (((3,), (3,)), batch_dims),
                                               preferred_element_type=jnp.float32) for k in keys],
                              axis=2) * scale                                            # [B, Hkv, S, G*K]
+    scores = softcap(scores, score_cap)
     scores = scores.reshape(batch, kv_heads, -1, groups, width)                       # [B, Hkv, S, G, K]
     if bias is not None:
         bias = bias.reshape(bias.shape[0], kv_heads, groups, width, -1).transpose(0, 1, 4, 2, 3)
@@ -112,6 +127,13 @@ def decoder_positions_and_mask(batch: int, width: int, cache: KVCache | None, at
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, :]
     return positions, positions, mask
+
+
+def sliding_window_mask(mask: jax.Array, positions: jax.Array, key_positions: jax.Array, window: int) -> jax.Array:
+    """`mask` [B, K, S'] bool restricted to keys less than `window` positions before each query: positions
+    [B, K] and key_positions [B, S'] int32 are absolute, as `decoder_positions_and_mask` gives them, so the
+    window slides over a fixed-shape cache by masking alone."""
+    return mask & (positions[:, :, None] - key_positions[:, None, :] < window)
 
 
 def cached_keys_values(cache: KVCache | None, layer: int, keys: jax.Array, values: jax.Array) -> tuple[tuple, tuple]:

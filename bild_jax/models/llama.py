@@ -1,22 +1,31 @@
-"""Llama family (HF `llama`, `mistral`, `qwen2`): RoPE, RMSNorm, SwiGLU, grouped-query attention."""
+"""Llama family and its variants (HF `llama`, `mistral`, `qwen2`, `qwen3`, `phi3`, `gemma`, `gemma2`,
+`gemma3_text`): RoPE, RMSNorm, gated MLP, grouped-query attention, with config switches for what the variants
+change: Gemma's scaled embeddings, (1 + w) norms, sandwich norms and soft-capping, q/k norms (Qwen3, Gemma 3),
+sliding-window layers (Mistral, Qwen2/3, Phi-3, Gemma 2/3) with their own RoPE base (Gemma 3), and Phi-3's
+fused checkpoint tensors."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bild_jax.cache import KVCache
 from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    kv_block, token_ids)
+                                    kv_block, sliding_window_mask, softcap, token_ids)
 from bild_jax.models.family import ModelFamily
 from bild_jax.weights import hf_name_to_flax_path
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Layers where a `layer_types` list is absent from the config (older hub configs): which ones slide.
+_DEFAULT_SLIDING_PATTERN = {"gemma2": 2, "gemma3_text": 6}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +49,16 @@ class LlamaConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
-    sliding_window: int | None = None  # None when every layer attends to the whole context
+    sliding_window: int | None = None  # sliding layers attend keys at distance < sliding_window only
+    sliding_layers: tuple = ()         # per layer: True when it is a sliding-window layer
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3), else rope_theta
+    attention_scale: float | None = None   # scores scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None      # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None     # the same on the logits
+    qk_norm: bool = False              # RMSNorm over each query/key head before RoPE (Qwen3, Gemma 3)
+    sandwich_norms: bool = False       # norms after attention and around the MLP as well (Gemma 2/3)
+    gemma_norms: bool = False          # RMSNorm weights are 1 + w, applied in float32 (Gemma)
+    scale_embeddings: bool = False     # embeddings times sqrt(hidden_size) (Gemma)
     eos_token_id: tuple = ()
     pad_token_id: int | None = None
     is_encoder_decoder = False
@@ -49,27 +67,56 @@ class LlamaConfig:
     def from_hf(cls, hf: dict) -> "LlamaConfig":
         """Reads an HF config dict (old `rope_theta`/`rope_scaling` or v5 `rope_parameters` form)."""
         model_type = hf["model_type"]
+        gemma = model_type in GEMMA_TYPES
         rope = dict(hf.get("rope_parameters") or {})
+        local_rope_theta = None
+        if model_type == "gemma3_text":
+            if hf.get("use_bidirectional_attention"):
+                raise NotImplementedError("bidirectional Gemma 3 (an embedding model) is not a decoder")
+            if "full_attention" in rope:  # v5 form: one set of parameters per layer type
+                local = dict(rope.get("sliding_attention") or {})
+                rope = dict(rope["full_attention"])
+            else:
+                local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+            if local.get("rope_type", "default") != "default":
+                raise NotImplementedError(f"rope type {local['rope_type']!r} on Gemma 3's sliding layers is not "
+                                          "supported (supported: default)")
+            local_rope_theta = float(local.get("rope_theta", 10000.0))
+            rope.setdefault("rope_theta", hf.get("rope_theta", 1000000.0))
         rope.update(hf.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        if rope_type in ("su", "longrope"):
+            raise NotImplementedError(
+                f"rope type {rope_type!r} (Phi-3 long-context scaling) is not supported: it switches between two "
+                "sets of frequencies by the sequence length, which a fixed-shape cache does not know in advance; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise NotImplementedError(
                 f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
             raise NotImplementedError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+        rope.pop("partial_rotary_factor", None)
         rope["rope_type"] = rope_type
         heads = hf["num_attention_heads"]
+        num_layers = hf["num_hidden_layers"]
         sliding_window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
             sliding_window = None
+        sliding_layers = _sliding_layers(hf, model_type, num_layers) if sliding_window is not None else ()
+        if not any(sliding_layers):
+            sliding_window, sliding_layers = None, ()
         attention_bias = bool(hf.get("attention_bias", False))
+        hidden_act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if gemma and hidden_act == "gelu":
+            hidden_act = "gelu_pytorch_tanh"  # legacy Gemma configs say "gelu" and mean the tanh approximation
+        query_scalar = hf.get("query_pre_attn_scalar") if model_type in ("gemma2", "gemma3_text") else None
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
@@ -77,20 +124,45 @@ class LlamaConfig:
             rope_theta=rope_theta,
             rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (list, dict)))),
             max_positions=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            hidden_act=hf.get("hidden_act", "silu"),
+            hidden_act=hidden_act,
             sliding_window=sliding_window,
+            sliding_layers=sliding_layers,
+            local_rope_theta=local_rope_theta,
+            attention_scale=None if query_scalar is None else float(query_scalar) ** -0.5,
+            attn_softcap=hf.get("attn_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
+            final_softcap=hf.get("final_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+            gemma_norms=gemma,
+            scale_embeddings=gemma,
             eos_token_id=token_ids(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
         )
 
 
-def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
-    """[head_dim // 2] float32 inverse frequencies, with the config's rope scaling applied."""
+def _sliding_layers(hf: dict, model_type: str, num_layers: int) -> tuple[bool, ...]:
+    """Per layer, whether it attends through the sliding window: the config's `layer_types` when given,
+    else each family's rule (Qwen: layers from `max_window_layers` on; Gemma: a fixed pattern; others: all)."""
+    if hf.get("layer_types"):
+        return tuple(kind == "sliding_attention" for kind in hf["layer_types"])
+    if model_type in ("qwen2", "qwen3"):
+        return tuple(i >= hf.get("max_window_layers", num_layers) for i in range(num_layers))
+    if model_type in _DEFAULT_SLIDING_PATTERN:
+        pattern = hf.get("sliding_window_pattern", _DEFAULT_SLIDING_PATTERN[model_type])
+        return tuple(bool((i + 1) % pattern) for i in range(num_layers))
+    return (True,) * num_layers
+
+
+def rope_inverse_frequencies(config: LlamaConfig, sliding: bool = False) -> jax.Array:
+    """[head_dim // 2] float32 inverse frequencies, with the config's rope scaling applied; a sliding layer of
+    a model with its own local base (Gemma 3) uses that base, unscaled."""
     dim = config.head_dim
+    if sliding and config.local_rope_theta is not None:
+        return 1.0 / (config.local_rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     scaling = dict(config.rope_scaling)
     rope_type = scaling["rope_type"]
@@ -130,12 +202,18 @@ class LlamaAttention(nn.Module):
         q = nn.Dense(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="q_proj")(x)
         k = nn.Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="k_proj")(x)
         v = nn.Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="v_proj")(x)
-        inv_freq = rope_inverse_frequencies(cfg)
-        q = apply_rope(q.reshape(batch, width, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(k.reshape(batch, width, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        q = q.reshape(batch, width, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, width, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name="k_norm")(k)
+        inv_freq = rope_inverse_frequencies(cfg, sliding=bool(cfg.sliding_layers) and cfg.sliding_layers[self.layer])
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
         v = v.reshape(batch, width, cfg.num_kv_heads, cfg.head_dim)
         keys, values = cached_keys_values(cache, self.layer, k, v)
-        out = attention(q, keys, values, mask, scale=cfg.head_dim ** -0.5)
+        scale = cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
+        out = attention(q, keys, values, mask, scale=scale, score_cap=cfg.attn_softcap)
         out = nn.Dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out.reshape(batch, width, -1))
         return out, k, v
 
@@ -158,10 +236,20 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, positions, mask, cache):
         cfg = self.config
-        normed = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(h)
-        attn, keys, values = LlamaAttention(cfg, self.layer, name="self_attn")(normed, positions, mask, cache)
+
+        def norm(name):
+            return RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name=name)
+
+        attn, keys, values = LlamaAttention(cfg, self.layer, name="self_attn")(
+            norm("input_layernorm")(h), positions, mask, cache)
+        if cfg.sandwich_norms:
+            # Gemma 2/3 name their norm after attention `post_attention_layernorm`, the one before the MLP
+            # `pre_feedforward_layernorm`.
+            h = h + norm("post_attention_layernorm")(attn)
+            return h + norm("post_feedforward_layernorm")(LlamaMLP(cfg, name="mlp")(
+                norm("pre_feedforward_layernorm")(h))), keys, values
         h = h + attn
-        h = h + LlamaMLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(h))
+        h = h + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(h))
         return h, keys, values
 
 
@@ -171,7 +259,8 @@ class LlamaForCausalLM(nn.Module):
     `__call__(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, block)`:
     with a cache, the K tokens sit at each row's `cache.lengths`, attend the cache (only read) and return
     their keys/values as a `KVBlock` to write in; without one, the K tokens are the whole sequence (block
-    None).
+    None). Sliding-window layers mask keys by their distance in absolute positions, so a fixed-shape cache
+    longer than the window serves them as it is.
     """
 
     config: LlamaConfig
@@ -180,25 +269,26 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, tokens, cache: KVCache | None = None, attention_mask=None):
         cfg = self.config
         batch, width = tokens.shape
-        context = cache.capacity if cache is not None else width
-        if cfg.sliding_window is not None and context > cfg.sliding_window:
-            raise NotImplementedError(
-                f"{cfg.model_type} sliding-window attention (window {cfg.sliding_window}) is not implemented, and a "
-                f"context of {context} tokens would need it; use a cache of at most {cfg.sliding_window} slots")
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
-        positions, _, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
+        positions, key_positions, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
+        window_mask = (sliding_window_mask(mask, positions, key_positions, cfg.sliding_window)
+                       if cfg.sliding_window is not None else None)
         h = embed(tokens)
+        if cfg.scale_embeddings:
+            # HF rounds the scale to the weights' dtype first.
+            h = h * jnp.asarray(cfg.hidden_size ** 0.5, h.dtype)
         layer_keys, layer_values = [], []
         for i in range(cfg.num_layers):
-            h, keys, values = LlamaDecoderLayer(cfg, i, name=f"layers_{i}")(h, positions, mask, cache)
+            layer_mask = window_mask if cfg.sliding_layers and cfg.sliding_layers[i] else mask
+            h, keys, values = LlamaDecoderLayer(cfg, i, name=f"layers_{i}")(h, positions, layer_mask, cache)
             layer_keys.append(keys)
             layer_values.append(values)
-        h = RMSNorm(cfg.rms_norm_eps, name="norm")(h)
+        h = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name="norm")(h)
         if cfg.tie_word_embeddings:
             logits = embed.attend(h)
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")(h)
-        return logits.astype(jnp.float32), kv_block(cache, layer_keys, layer_values)
+        return softcap(logits.astype(jnp.float32), cfg.final_softcap), kv_block(cache, layer_keys, layer_values)
 
 
 def init_cache(config: LlamaConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
@@ -216,10 +306,51 @@ def hf_param_path(config: LlamaConfig, name: str) -> tuple[str, ...] | None:
     return hf_name_to_flax_path(name)
 
 
+# Dense kernels are [in, out]: projections into heads or hidden units split their output dimension,
+# projections out of them their input one.
+PARAM_AXES = (
+    (r"self_attn/q_proj/kernel$", (None, "heads")),
+    (r"self_attn/q_proj/bias$", ("heads",)),
+    (r"self_attn/[kv]_proj/kernel$", (None, "kv_heads")),
+    (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
+    (r"self_attn/o_proj/kernel$", ("heads", None)),
+    (r"mlp/(gate|up)_proj/kernel$", (None, "mlp")),
+    (r"mlp/(gate|up)_proj/bias$", ("mlp",)),
+    (r"mlp/down_proj/kernel$", ("mlp", None)),
+)
+
+
+def axis_sizes(config: LlamaConfig) -> dict[str, int]:
+    """How many heads, key/value heads and MLP hidden units the model has (what a mesh axis must divide)."""
+    return {"heads": config.num_heads, "kv_heads": config.num_kv_heads, "mlp": config.intermediate_size}
+
+
+def split_hf_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Phi-3 checkpoints fuse q/k/v into `qkv_proj` ([(H + 2 Hkv) * hd, D]) and gate/up into `gate_up_proj`
+    ([2 I, D]); they are split into the separate projections here, so that each can be sharded by heads."""
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    split: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            prefix = name.removesuffix("qkv_proj.weight")
+            q, k, v = np.split(tensor, [q_rows, q_rows + kv_rows])
+            split.update({prefix + "q_proj.weight": q, prefix + "k_proj.weight": k, prefix + "v_proj.weight": v})
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            prefix = name.removesuffix("gate_up_proj.weight")
+            gate, up = np.split(tensor, 2)
+            split.update({prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up})
+        else:
+            split[name] = tensor
+    return split
+
+
 FAMILY = ModelFamily(
     model_types=MODEL_TYPES,
     config_class=LlamaConfig,
     module=LlamaForCausalLM,
     init_cache=init_cache,
     hf_param_path=hf_param_path,
+    axis_sizes=axis_sizes,
+    param_axes=PARAM_AXES,
+    split_hf_tensors=split_hf_tensors,
 )

@@ -380,11 +380,30 @@ def hf_param_path(config: T5Config, name: str) -> tuple[str, ...] | None:
     return hf_name_to_flax_path(name)
 
 
+PARAM_AXES = (
+    (r"Attention/q/kernel$", (None, "heads")),
+    (r"Attention/[kv]/kernel$", (None, "kv_heads")),
+    (r"Attention/o/kernel$", ("heads", None)),
+    (r"relative_attention_bias/embedding$", (None, "heads")),
+    (r"DenseReluDense/wi(_0|_1)?/kernel$", (None, "mlp")),
+    (r"DenseReluDense/wo/kernel$", ("mlp", None)),
+)
+
+
+def axis_sizes(config: T5Config) -> dict[str, int]:
+    """How many heads (also key/value heads) and MLP hidden units the model has."""
+    return {"heads": config.num_heads, "kv_heads": config.num_heads, "mlp": config.d_ff}
+
+
+# The cache's leaves (self-attention and cross-attention keys/values [B, H, S, D], lengths [B], encoder
+# mask [B, T]) follow the default head-major rule.
 FAMILY = ModelFamily(
     model_types=MODEL_TYPES,
     config_class=T5Config,
     module=T5ForConditionalGeneration,
     init_cache=init_cache,
     hf_param_path=hf_param_path,
+    axis_sizes=axis_sizes,
+    param_axes=PARAM_AXES,
     encode_into_cache=encode_into_cache,
 )
