@@ -68,8 +68,11 @@ def test_cached_blocks_match_full_forward(saved_model, name):
 
 
 def _hf_greedy(hf_model, prompt, max_new_tokens, eos):
-    hf_model.generation_config.eos_token_id = eos
-    hf_model.generation_config.pad_token_id = 0
+    generation = hf_model.generation_config
+    generation.eos_token_id = eos
+    generation.pad_token_id = 0
+    # Plain greedy: BART and Marian configs force EOS at max_length (`forced_eos_token_id`).
+    generation.forced_bos_token_id = generation.forced_eos_token_id = None
     # HF's encoder-decoder cache assumes as many decoder layers as encoder layers; the reference runs uncached.
     out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                             use_cache=not hf_model.config.is_encoder_decoder)
