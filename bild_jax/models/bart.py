@@ -84,7 +84,7 @@ class BartConfig:
             raise NotImplementedError(
                 f"separate source and target vocabularies (vocab_size {hf['vocab_size']}, decoder_vocab_size "
                 f"{decoder_vocab}) are not supported: bild-jax decodes over one vocabulary")
-        act = hf.get("activation_function", "swish" if marian else "gelu")
+        act = hf.get("activation_function", "gelu")  # opus-mt checkpoints name "swish"
         activation(act)  # an unsupported activation fails here, at load time
         # Missing ids take the defaults of transformers' BartConfig / MarianConfig.
         pad_token_id = hf.get("pad_token_id", 58100 if marian else 1)
