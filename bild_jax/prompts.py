@@ -84,9 +84,18 @@ def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
 
 
 def check_positions(model: Model, longest_prompt: int, max_new_tokens: int) -> None:
-    """A clear error when a prompt plus the new tokens exceeds the model's position limit."""
+    """A clear error when a prompt plus the new tokens exceeds the model's position limit (encoder-decoder
+    models: the prompt and the new tokens each, as encoder and decoder count positions apart)."""
     limit = model.config.max_positions
-    if model.is_encoder_decoder or limit is None:
+    if limit is None:
+        return
+    if model.is_encoder_decoder:
+        if longest_prompt > limit:
+            raise ValueError(f"a prompt of {longest_prompt} tokens exceeds the {model.config.model_type} model's "
+                             f"{limit} encoder positions")
+        if max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the {model.config.model_type} model's "
+                             f"{limit} decoder positions")
         return
     if longest_prompt + max_new_tokens > limit:
         raise ValueError(f"a prompt of {longest_prompt} tokens plus max_new_tokens={max_new_tokens} exceeds the "

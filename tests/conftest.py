@@ -53,7 +53,10 @@ def _perturbed(model, scale: float, seed: int):
 # Final-norm weights per family: scaling them sharpens the next-token distribution, so that random
 # models have confident steps as well as unsure ones.
 _FINAL_NORMS = {"llama": [("norm", "weight")], "gemma3_text": [("norm", "weight")], "qwen3": [("norm", "weight")],
-                "gpt2": [("ln_f", "scale"), ("ln_f", "bias")], "t5": [("decoder", "final_layer_norm", "weight")]}
+                "gpt2": [("ln_f", "scale"), ("ln_f", "bias")], "t5": [("decoder", "final_layer_norm", "weight")],
+                # post-LayerNorm: the last decoder layer's last norm (the tiny "bart" config has 2 layers); its
+                # bias is the same at every position, so sharpening it would make one token win everywhere
+                "bart": [("decoder", "layers_1", "final_layer_norm", "scale")]}
 
 
 def _sharpened(model, factor: float):
@@ -97,7 +100,8 @@ def bild_pair(saved_model, tmp_path_factory):
 
     "llama": a Llama large model and a perturbed copy as the small one; "mixed": a GPT-2 small model with
     the Llama large one; "t5": a T5 v1.0 large model and a perturbed copy; "gemma3": Gemma 3 (sliding
-    window, untied) and a perturbed copy; "qwen3-padded": `_padded_pair`, both cut to the shared rows.
+    window, untied) and a perturbed copy; "qwen3-padded": `_padded_pair`, both cut to the shared rows; "bart":
+    a BART large model and a perturbed copy.
     """
     import bild_jax
     import jax
@@ -105,13 +109,23 @@ def bild_pair(saved_model, tmp_path_factory):
     @functools.cache
     def build(kind: str):
         large_name = {"llama": "llama-gqa", "mixed": "llama-gqa", "t5": "t5-v1.0", "gemma3": "gemma3-untied",
-                      "qwen3-padded": "qwen3"}[kind]
+                      "qwen3-padded": "qwen3", "bart": "bart"}[kind]
         large = bild_jax.load_model(saved_model(large_name)[1])
         if kind == "t5":
             # Random tied std-1 embeddings dominate T5's residual stream, so greedy decoding just repeats a
             # token; shrunk ones give varied continuations.
             params = jax.tree_util.tree_map(lambda x: x, large.params)
             params["shared"]["embedding"] = 0.1 * params["shared"]["embedding"]
+            large = large.replace(params=params)
+        if kind == "bart":
+            # With tied embeddings and weak layers (init std 0.02) the decoder's output stays closest to its
+            # input token's own embedding, so greedy decoding repeats it; stronger position embeddings and
+            # cross-attention give continuations that vary with the step and the prompt.
+            params = jax.tree_util.tree_map(lambda x: x, large.params)
+            params["decoder"]["embed_positions"]["embedding"] *= 10.0
+            for layer in range(large.config.decoder_layers):
+                out_proj = params["decoder"][f"layers_{layer}"]["encoder_attn"]["out_proj"]
+                out_proj["kernel"], out_proj["bias"] = 10.0 * out_proj["kernel"], 10.0 * out_proj["bias"]
             large = large.replace(params=params)
         large = _sharpened(large, 50.0)
         if kind == "mixed":

@@ -1,13 +1,14 @@
 """Sharded decoding vs single-device decoding, run by tests/test_sharding.py in a subprocess that sees 8 host
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
 
-    python tests/sharding_check.py PAIRS_PICKLE KIND [--extras] [--one-mesh KIND2]
+    python tests/sharding_check.py PAIRS_PICKLE KIND [--extras] [--one-mesh KIND2 ...]
 
 PAIRS_PICKLE holds {kind: (small, large)} Models with numpy params. Prints one JSON object: per mesh, whether
 the KIND pair's greedy and BiLD outputs equal the unsharded ones, the warnings raised and where a few
 parameters (and, decoder-only, the cache's keys) ended up; with --extras also a run with different rules
 per model, a GPT-2 small model (the "mixed" pair) on one mesh, and the error of strict mode on a mesh that
-does not divide the model; with --one-mesh the same checks for the KIND2 pair on the 4 x 2 mesh only.
+does not divide the model; with --one-mesh (repeatable) the same checks for the KIND2 pair on the 4 x 2 mesh
+only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ PROBES = {"llama": {"heads": ("layers_0", "self_attn", "q_proj", "kernel"),
                  "mlp": ("encoder", "block_0", "layer_1", "DenseReluDense", "wi", "kernel")},
           "gemma3": {"heads": ("layers_0", "self_attn", "q_proj", "kernel"),
                      "kv_heads": ("layers_0", "self_attn", "k_proj", "kernel"),
-                     "mlp": ("layers_0", "mlp", "down_proj", "kernel")}}
+                     "mlp": ("layers_0", "mlp", "down_proj", "kernel")},
+          "bart": {"heads": ("decoder", "layers_0", "encoder_attn", "out_proj", "kernel"),
+                   "mlp": ("encoder", "layers_0", "fc1", "kernel")}}
 
 
 def _leaf(params, path):
@@ -82,17 +85,17 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [rng.integers(3, vocab_size, size=n).tolist() for n in (3, 9, 1, 6, 5, 2, 7, 4)]
 
 
-def main(pairs_file: str, kind: str, extras: bool, one_mesh: str | None) -> None:
+def main(pairs_file: str, kind: str, extras: bool, one_mesh: list[str]) -> None:
     with open(pairs_file, "rb") as handle:
         pairs = {name: tuple(model.replace(params=jax.tree_util.tree_map(jnp.asarray, model.params))
                              for model in pair) for name, pair in pickle.load(handle).items()}
     small, large = pairs[kind]
     prompts = _prompts(large.vocab_size)
     summary = {"devices": jax.device_count(), kind: check_pair(kind, small, large, prompts)}
-    if one_mesh is not None:
-        other_small, other_large = pairs[one_mesh]
-        summary[one_mesh] = check_pair(one_mesh, other_small, other_large, _prompts(other_large.vocab_size),
-                                       meshes=((4, 2),))
+    for other in one_mesh:
+        other_small, other_large = pairs[other]
+        summary[other] = check_pair(other, other_small, other_large, _prompts(other_large.vocab_size),
+                                    meshes=((4, 2),))
     if extras:
         # Different rules per model: the small one whole on every device, the large one tensor parallel.
         mesh = sharding.make_mesh({"data": 2, "model": 4})
@@ -118,4 +121,4 @@ def main(pairs_file: str, kind: str, extras: bool, one_mesh: str | None) -> None
 if __name__ == "__main__":
     options = sys.argv[3:]
     main(sys.argv[1], sys.argv[2], extras="--extras" in options,
-         one_mesh=options[options.index("--one-mesh") + 1] if "--one-mesh" in options else None)
+         one_mesh=[options[i + 1] for i, option in enumerate(options) if option == "--one-mesh"])

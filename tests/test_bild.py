@@ -41,7 +41,8 @@ def _eos_from(greedy_tokens: np.ndarray) -> int:
 
 
 @pytest.mark.parametrize("kind,max_draft", [("llama", 1), ("llama", 3), ("llama", 8), ("mixed", 1), ("mixed", 4),
-                                            ("t5", 2), ("t5", 5), ("gemma3", 3), ("qwen3-padded", 3)])
+                                            ("t5", 2), ("t5", 5), ("gemma3", 3), ("qwen3-padded", 3),
+                                            ("bart", 3)])
 def test_exact_mode_equals_large_greedy(bild_pair, kind, max_draft):
     small, large = bild_pair(kind)
     prompts = _prompts(large.vocab_size)

@@ -87,7 +87,7 @@ def test_unknown_model_type_lists_supported_ones(llama_dir):
     from bild_jax.models import FAMILIES
 
     supported = ", ".join(sorted(FAMILIES))
-    assert {"gemma", "gemma2", "gemma3_text", "qwen3", "phi3"} <= set(FAMILIES)
+    assert {"gemma", "gemma2", "gemma3_text", "qwen3", "phi3", "bart", "marian"} <= set(FAMILIES)
     with pytest.raises(ValueError, match=f"unsupported model_type 'bert'; supported: {supported}"):
         bild_jax.load_model(llama_dir)
 
@@ -112,6 +112,20 @@ def test_unsupported_config_features_raise(llama_dir):
     _edit_config(llama_dir, rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.75})
     with pytest.raises(NotImplementedError, match="partial rotary embeddings"):
         bild_jax.load_model(llama_dir)
+
+
+def test_encoder_decoder_position_limits_and_unsupported_marian_vocabularies(saved_model, tmp_path):
+    """BART/Marian encoders and decoders each have max_position_embeddings (64 in the tiny configs)."""
+    model = bild_jax.load_model(saved_model("bart")[1])
+    with pytest.raises(ValueError, match="a prompt of 65 tokens exceeds the bart model's 64 encoder positions"):
+        bild_jax.greedy_generate(model, [[3] * 65], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens=65 exceeds the bart model's 64 decoder positions"):
+        bild_jax.greedy_generate(model, [[3] * 64], max_new_tokens=65)
+    marian_dir = tmp_path / "marian"
+    shutil.copytree(saved_model("marian-untied")[1], marian_dir)
+    _edit_config(marian_dir, share_encoder_decoder_embeddings=False, decoder_vocab_size=90)
+    with pytest.raises(NotImplementedError, match="separate source and target vocabularies"):
+        bild_jax.load_model(marian_dir)
 
 
 def test_bad_paths_and_offline_hub_ids(tmp_path, monkeypatch):

@@ -15,6 +15,8 @@ ATOL = 1e-4
 # Jitted, the cached passes compile once per block width; run eagerly, each operation compiled per shape,
 # which cost more in all (this test over the 14 tiny models: 54 s of CPU time jitted, 66 s eagerly).
 _decode = jax.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+# Encoder-decoder models run their encoder here: jitted too.
+_start_cache = jax.jit(lambda model, *encoder_inputs: model.start_cache(3, 16, *encoder_inputs))
 
 
 def _random_ids(vocab: int, shape, seed: int) -> np.ndarray:
@@ -55,10 +57,10 @@ def test_cached_blocks_match_full_forward(saved_model, name):
         encoder_mask = np.ones_like(encoder_ids, bool)
         encoder_mask[2, 3:] = False
         full = bild_jax.forward_logits(model, encoder_ids, ids, attention_mask=encoder_mask)
-        cache = model.start_cache(3, 16, jnp.asarray(encoder_ids), jnp.asarray(encoder_mask))
+        cache = _start_cache(model, jnp.asarray(encoder_ids), jnp.asarray(encoder_mask))
     else:
         full = bild_jax.forward_logits(model, ids)
-        cache = model.start_cache(3, 16)
+        cache = _start_cache(model)
     pieces = []
     for block in blocks:
         logits, cache = _decode(model, jnp.asarray(block), cache)
@@ -68,8 +70,11 @@ def test_cached_blocks_match_full_forward(saved_model, name):
 
 
 def _hf_greedy(hf_model, prompt, max_new_tokens, eos):
-    hf_model.generation_config.eos_token_id = eos
-    hf_model.generation_config.pad_token_id = 0
+    generation = hf_model.generation_config
+    generation.eos_token_id = eos
+    generation.pad_token_id = 0
+    # Plain greedy: BART and Marian configs force EOS at max_length (`forced_eos_token_id`).
+    generation.forced_bos_token_id = generation.forced_eos_token_id = None
     # HF's encoder-decoder cache assumes as many decoder layers as encoder layers; the reference runs uncached.
     out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                             use_cache=not hf_model.config.is_encoder_decoder)
@@ -137,3 +142,14 @@ def test_untied_mt5_head_matches_hf(saved_model, tmp_path):
     with torch.no_grad():
         ref = hf_model(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(decoder_ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(bild_jax.forward_logits(model, ids, decoder_ids)), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dim", [32, 33])
+def test_marian_sinusoids_equal_hf_table(dim):
+    """The fixed position table, odd widths included (one more sine than cosine feature)."""
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    from bild_jax.models.bart import sinusoidal_positions
+
+    reference = MarianSinusoidalPositionalEmbedding(50, dim).create_weight().numpy()
+    np.testing.assert_array_equal(sinusoidal_positions(50, dim), reference)

@@ -20,18 +20,19 @@ MESHES = ("8x1", "1x8", "2x4", "4x2")
 
 @pytest.fixture(scope="module")
 def summary(bild_pair, tmp_path_factory):
-    """The merged JSON summaries of tests/sharding_check.py with 8 host devices, one process per pair (XLA
-    compiles on one core, so two processes halve the time on two)."""
+    """The merged JSON summaries of tests/sharding_check.py with 8 host devices, in two processes of about
+    equal work (XLA compiles on one core, so two processes halve the time on two)."""
     pairs = {kind: tuple(model.replace(params=jax.tree_util.tree_map(np.asarray, model.params))
-                         for model in bild_pair(kind)) for kind in ("llama", "t5", "mixed", "gemma3")}
+                         for model in bild_pair(kind)) for kind in ("llama", "t5", "mixed", "gemma3", "bart")}
     pairs_file = tmp_path_factory.mktemp("sharding") / "pairs.pkl"
     pairs_file.write_bytes(pickle.dumps(pairs))
     # conftest's compile-time flags come along in XLA_FLAGS.
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     script = str(Path(__file__).with_name("sharding_check.py"))
-    # The Gemma 3 pair's one mesh goes with T5, the lighter of the two processes.
-    processes = (["t5", "--one-mesh", "gemma3"], ["llama", "--extras"])
+    # Each new family's pair runs on one mesh: Gemma 3 with T5, BART with Llama (the heavier process before
+    # them), which keeps the two processes' work about equal.
+    processes = (["t5", "--one-mesh", "gemma3"], ["llama", "--extras", "--one-mesh", "bart"])
     runs = [subprocess.Popen([sys.executable, script, str(pairs_file), *args], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for args in processes]
     summary = {}
@@ -60,7 +61,15 @@ def test_new_decoder_family_sharded_equals_single_device(summary):
     assert not result["warnings"]
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5", "gemma3"])
+def test_new_encoder_decoder_family_sharded_equals_single_device(summary):
+    """BART (4 encoder and 2 decoder heads, 64 and 48 MLP units) on a 4 x 2 mesh: heads, MLP and rows split."""
+    result = summary["bart"]["4x2"]
+    assert result["greedy_equal"] and result["bild_equal"], result
+    assert result["params"] == {"heads": ["model", None], "mlp": [None, "model"]}
+    assert not result["warnings"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5", "gemma3", "bart"])
 def test_reference_bild_run_uses_both_models(summary, kind):
     """Equality only means something if the BiLD runs draft, fall back and roll back."""
     stats = summary[kind]["reference_stats"]
@@ -96,7 +105,8 @@ def test_gpt2_small_model_sharded_equals_single_device(summary):
     assert summary["gpt2_small_equal"]
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "gemma3-untied", "phi3", "gpt2", "t5-v1.0", "t5-v1.1"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "gemma3-untied", "phi3", "gpt2", "t5-v1.0", "t5-v1.1",
+                                  "bart"])
 def test_rules_name_parameters_of_each_family(name):
     """With every logical axis split: which parameters each family's rules match, and at which dimension."""
     import transformers
@@ -118,7 +128,7 @@ def test_rules_name_parameters_of_each_family(name):
         specs, is_leaf=lambda _, x: isinstance(x, jax.sharding.PartitionSpec)).items() if any(spec)}
     layer = {"llama-gqa": "layers_0/", "qwen2-bias": "layers_0/", "gemma3-untied": "layers_0/", "phi3": "layers_0/",
              "gpt2": "h_0/",
-             "t5-v1.0": "decoder/block_0/", "t5-v1.1": "decoder/block_0/"}[name]
+             "t5-v1.0": "decoder/block_0/", "t5-v1.1": "decoder/block_0/", "bart": "decoder/layers_0/"}[name]
     expected = {
         "llama-gqa": {"self_attn/q_proj/kernel": (None, "model"), "self_attn/k_proj/kernel": (None, "model"),
                       "self_attn/v_proj/kernel": (None, "model"), "self_attn/o_proj/kernel": ("model", None),
@@ -134,11 +144,16 @@ def test_rules_name_parameters_of_each_family(name):
                       "layer_2/DenseReluDense/wo/kernel": ("model", None)},
     }
     expected["qwen2-bias"] = expected["llama-gqa"] | {f"self_attn/{p}_proj/bias": ("model",) for p in "qkv"}
+    expected["bart"] = {f"{a}/{p}_proj/{leaf}": spec for a in ("self_attn", "encoder_attn") for p in "qkv"
+                        for leaf, spec in (("kernel", (None, "model")), ("bias", ("model",)))} | {
+        "self_attn/out_proj/kernel": ("model", None), "encoder_attn/out_proj/kernel": ("model", None),
+        "fc1/kernel": (None, "model"), "fc1/bias": ("model",), "fc2/kernel": ("model", None)}
     expected["gemma3-untied"] = expected["phi3"] = expected["llama-gqa"]  # q/k and sandwich norms replicated
     expected["t5-v1.1"] = {k: v for k, v in expected["t5-v1.0"].items() if "/wi/" not in k} | {
         "layer_2/DenseReluDense/wi_0/kernel": (None, "model"), "layer_2/DenseReluDense/wi_1/kernel": (None, "model")}
     assert {k.removeprefix(layer): v for k, v in split.items() if k.startswith(layer)} == expected[name]
-    replicated = ("embed_tokens/", "wte/", "wpe/", "shared/", "lm_head/", "norm", "ln_", "c_attn/")
+    replicated = ("embed_tokens/", "embed_positions/", "wte/", "wpe/", "shared/", "lm_head/", "norm", "ln_",
+                  "c_attn/", "final_logits_bias")
     assert not [k for k in split if any(part in k for part in replicated)]
 
 

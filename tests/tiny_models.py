@@ -71,6 +71,17 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         vocab_size=113, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
         relative_attention_num_buckets=16, relative_attention_max_distance=32, tie_word_embeddings=False,
         decoder_start_token_id=0, eos_token_id=1)),
+    # BART and Marian: encoder and decoder differ in depth, heads and MLP width, so that a mix-up shows. BART's
+    # head is tied, Marian's not (transformers 5 then gives the encoder, the decoder and the head a table each).
+    # Marian's pad token is its last id and starts the decoder, as in the opus-mt checkpoints.
+    "bart": ("BartConfig", "BartForConditionalGeneration", dict(
+        vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=48, max_position_embeddings=64)),
+    "marian-untied": ("MarianConfig", "MarianMTModel", dict(
+        vocab_size=101, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=64, max_position_embeddings=64,
+        scale_embedding=True, tie_word_embeddings=False, activation_function="swish", pad_token_id=100,
+        decoder_start_token_id=100, eos_token_id=0)),
 }
 
 
@@ -87,14 +98,16 @@ def build_hf_model(name: str, seed: int = 0):
 
 
 def _randomize_norms(model, seed: int) -> None:
-    """Norm weights start at one in HF; perturb them so a wrong norm mapping cannot go unnoticed."""
+    """Norm weights start at one and biases (BART's `final_logits_bias` buffer included) at zero in HF; perturb
+    them so a wrong norm or bias mapping cannot go unnoticed."""
     import torch
 
     generator = torch.Generator().manual_seed(seed + 1)
+    tensors = [p for p in model.parameters() if p.ndim == 1]
+    tensors += [b for name, b in model.named_buffers() if name == "final_logits_bias"]
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+        for tensor in tensors:
+            tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
 
 
 # Models used only as BiLD pairs (no parity runs of their own): a GPT-2 small model sharing the

@@ -13,6 +13,7 @@ _FAMILY_MODULES = (
     "llama",
     "gpt2",
     "t5",
+    "bart",
 )
 
 _FAMILIES: tuple[ModelFamily, ...] = tuple(importlib.import_module(f"bild_jax.models.{name}").FAMILY

@@ -8,9 +8,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from bild_jax.cache import KVBlock, KVCache
+from bild_jax.models.encoder_decoder import (EncoderDecoderCache, empty_cache, encode_into_cache, encoder_mask,
+                                             key_mask)
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
                                     head_major, kv_block, token_ids)
@@ -87,36 +88,6 @@ class T5Config:
             pad_token_id=pad_token_id,
             decoder_start_token_id=decoder_start if decoder_start is not None else (pad_token_id or 0),
         )
-
-
-@struct.dataclass
-class T5Cache:
-    """Decoder cache: self-attention keys/values with per-row cursors, plus the encoder's cross-attention inputs."""
-
-    self_attn: KVCache
-    cross_keys: tuple[jax.Array, ...]    # num_decoder_layers x [B, H, T_enc, D], head-major as in KVCache
-    cross_values: tuple[jax.Array, ...]  # num_decoder_layers x [B, H, T_enc, D]
-    encoder_mask: jax.Array              # [B, T_enc] bool: real (non-padding) encoder tokens
-
-    @property
-    def lengths(self) -> jax.Array:
-        return self.self_attn.lengths
-
-    @property
-    def capacity(self) -> int:
-        return self.self_attn.capacity
-
-    def with_lengths(self, lengths: jax.Array) -> "T5Cache":
-        """The same cache with its self-attention cursors moved (truncation or commit); [B] int32."""
-        return self.replace(self_attn=self.self_attn.with_lengths(lengths))
-
-    def write(self, block: KVBlock, after: jax.Array | None = None) -> "T5Cache":
-        """The self-attention block written at the cursors, which stay where they are (see `KVCache.write`)."""
-        return self.replace(self_attn=self.self_attn.write(block, after))
-
-    def append(self, block: KVBlock) -> "T5Cache":
-        """The self-attention block written at the cursors, cursors moved past it."""
-        return self.replace(self_attn=self.self_attn.append(block))
 
 
 def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int,
@@ -278,17 +249,6 @@ class T5Stack(nn.Module):
         return self.final_layer_norm(h), layer_keys, layer_values
 
 
-def _key_mask(mask: jax.Array, width: int) -> jax.Array:
-    """[B, T] bool mask of real keys -> [B, K, T] for K queries."""
-    return jnp.broadcast_to(mask[:, None, :], (mask.shape[0], width, mask.shape[1]))
-
-
-def _encoder_mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-    if attention_mask is None:
-        return jnp.ones(input_ids.shape, bool)
-    return attention_mask.astype(bool)
-
-
 class T5ForConditionalGeneration(nn.Module):
     """T5 / mT5 encoder-decoder with a language-modelling head.
 
@@ -307,33 +267,33 @@ class T5ForConditionalGeneration(nn.Module):
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None):
-        encoder_mask = _encoder_mask(input_ids, attention_mask)
-        cross_keys, cross_values = self.decoder.cross_keys_values(self.encode(input_ids, encoder_mask))
+        source_mask = encoder_mask(input_ids, attention_mask)
+        cross_keys, cross_values = self.decoder.cross_keys_values(self.encode(input_ids, source_mask))
         batch, width = decoder_input_ids.shape
         positions, key_positions, mask = decoder_positions_and_mask(batch, width, None)
         h, _, _ = self.decoder(self.shared(decoder_input_ids), positions, key_positions, mask, None, cross_keys,
-                               cross_values, _key_mask(encoder_mask, width))
+                               cross_values, key_mask(source_mask, width))
         return self._logits(h)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Encoder output [B, T, d_model] of input_ids [B, T] int32; attention_mask [B, T] marks real tokens."""
         width = input_ids.shape[1]
         positions = jnp.arange(width, dtype=jnp.int32)[None, :]
-        mask = _key_mask(_encoder_mask(input_ids, attention_mask), width)
+        mask = key_mask(encoder_mask(input_ids, attention_mask), width)
         h, _, _ = self.encoder(self.shared(input_ids), positions, positions, mask)
         return h
 
     def encoder_cross_keys_values(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
-        """Runs the encoder once: per decoder layer, the cross-attention keys and values [B, T, H, D]."""
+        """Runs the encoder once: per decoder layer, the cross-attention keys and values [B, H, T, D]."""
         return self.decoder.cross_keys_values(self.encode(input_ids, attention_mask))
 
-    def decode(self, tokens: jax.Array, cache: T5Cache) -> tuple[jax.Array, KVBlock]:
+    def decode(self, tokens: jax.Array, cache: EncoderDecoderCache) -> tuple[jax.Array, KVBlock]:
         """tokens [B, K] int32 at `cache.lengths` -> (logits [B, K, V] float32, their self-attention keys and
         values to write in); the cache is only read."""
         batch, width = tokens.shape
         positions, key_positions, mask = decoder_positions_and_mask(batch, width, cache.self_attn)
         h, keys, values = self.decoder(self.shared(tokens), positions, key_positions, mask, cache.self_attn,
-                                       cache.cross_keys, cache.cross_values, _key_mask(cache.encoder_mask, width))
+                                       cache.cross_keys, cache.cross_values, key_mask(cache.encoder_mask, width))
         return self._logits(h), kv_block(cache.self_attn, keys, values)
 
     def _logits(self, h):
@@ -343,27 +303,9 @@ class T5ForConditionalGeneration(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def init_cache(config: T5Config, batch: int, capacity: int, dtype=jnp.float32) -> T5Cache:
+def init_cache(config: T5Config, batch: int, capacity: int, dtype=jnp.float32) -> EncoderDecoderCache:
     """An empty [B, capacity] decoder cache; its cross-attention entries stay empty until `encode_into_cache`."""
-    empty = jnp.zeros((batch, config.num_heads, 0, config.d_kv), dtype)
-    return T5Cache(
-        self_attn=KVCache.create(config.num_decoder_layers, batch, capacity, config.num_heads, config.d_kv, dtype),
-        cross_keys=(empty,) * config.num_decoder_layers,
-        cross_values=(empty,) * config.num_decoder_layers,
-        encoder_mask=jnp.zeros((batch, 0), bool),
-    )
-
-
-def encode_into_cache(module: T5ForConditionalGeneration, params, input_ids: jax.Array,
-                      attention_mask: jax.Array | None, cache: T5Cache) -> T5Cache:
-    """Runs the encoder over input_ids [B, T] (attention_mask [B, T], None for all real) and stores the
-    cross-attention keys/values and the encoder mask in the cache."""
-    encoder_mask = _encoder_mask(input_ids, attention_mask)
-    keys, values = module.apply({"params": params}, input_ids, encoder_mask,
-                                method=module.encoder_cross_keys_values)
-    dtype = cache.self_attn.keys[0].dtype
-    return cache.replace(cross_keys=tuple(k.astype(dtype) for k in keys),
-                         cross_values=tuple(v.astype(dtype) for v in values), encoder_mask=encoder_mask)
+    return empty_cache(config.num_decoder_layers, batch, capacity, config.num_heads, config.d_kv, dtype)
 
 
 def hf_param_path(config: T5Config, name: str) -> tuple[str, ...] | None:
