@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
-import jax
-
+# Only light imports here: `main` installs the Ctrl-C handling before JAX is imported (`bild_jax` imports
+# its public names on first use).
 import bild_jax
+from bild_jax.atomic import write_text_atomic
+from bild_jax.errors import InputError
+from bild_jax.interrupt import exit_on_interrupt
+
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # what jax.random.key takes
 
 
-class UsageError(Exception):
-    """Bad input from the command line: printed as one line, exit code 2."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the command's one-line format (argparse prints usage + error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True, max_new_tokens: int = 64,
@@ -35,13 +44,26 @@ def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"a seed must fit in 64 bits (a signed int64), got {seed}")
+    return seed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bild-jax", description="Big Little Decoder text generation in JAX.")
+    parser = _Parser(prog="bild-jax", description="Big Little Decoder text generation in JAX.")
     parser.add_argument("--version", action="version", version=f"bild-jax {bild_jax.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate = commands.add_parser("generate", help="generate text with a small/large pair")
@@ -54,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
     generate.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens, 0 = all")
     generate.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p nucleus, 1 = all")
-    generate.add_argument("--seed", type=int, default=0, help="PRNG seed when sampling (default %(default)s)")
+    generate.add_argument("--seed", type=_seed, default=0, help="PRNG seed when sampling (default %(default)s)")
 
     demo = commands.add_parser("demo", help="offline demo on the bundled pair: speed, quality, token sources")
     demo.add_argument("--num-prompts", type=int, default=64,
@@ -92,12 +114,12 @@ def _read_prompts(args) -> list[str]:
         prompts = [args.prompt]
     else:
         if not args.prompts_file.is_file():
-            raise UsageError(f"no prompts file at {args.prompts_file}")
+            raise InputError(f"no prompts file at {args.prompts_file}")
         prompts = [line.rstrip("\n") for line in args.prompts_file.read_text().splitlines() if line.strip()]
         if not prompts:
-            raise UsageError(f"{args.prompts_file} holds no prompts")
+            raise InputError(f"{args.prompts_file} holds no prompts")
     if any(not p.strip() for p in prompts):
-        raise UsageError("empty prompt")
+        raise InputError("empty prompt")
     return prompts
 
 
@@ -105,7 +127,7 @@ def _load_pair(args):
     small, large = bild_jax.load_model(args.small), bild_jax.load_model(args.large)
     small_tok, large_tok = bild_jax.load_tokenizer(args.small), bild_jax.load_tokenizer(args.large)
     if small_tok.get_vocab() != large_tok.get_vocab():
-        raise UsageError(f"the tokenizers of {args.small} and {args.large} differ; BiLD needs one shared vocabulary")
+        raise InputError(f"the tokenizers of {args.small} and {args.large} differ; BiLD needs one shared vocabulary")
     return small, large, large_tok
 
 
@@ -116,6 +138,8 @@ def run_generate(args) -> None:
                                  max_draft=args.max_draft, max_new_tokens=args.max_new_tokens, exact=args.exact,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     small, large, tokenizer = _load_pair(args)
+    import jax
+
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     out = bild_jax.bild_generate(small, large, ids, config, rng=jax.random.key(args.seed))
     for row, prompt in enumerate(prompts):
@@ -133,10 +157,10 @@ def run_demo(args) -> None:
     from bild_jax.demo import run_demo as demo
 
     if args.num_prompts < 1:
-        raise UsageError("--num-prompts must be >= 1")
+        raise InputError("--num-prompts must be >= 1")
     rows = demo(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
 
 
 def _sweep_prompts(args, tokenizer) -> tuple[list[list[int]], list[str] | None]:
@@ -144,7 +168,7 @@ def _sweep_prompts(args, tokenizer) -> tuple[list[list[int]], list[str] | None]:
 
     path = args.prompts_file or DEMO_PROMPTS
     if not path.is_file():
-        raise UsageError(f"no prompts file at {path}")
+        raise InputError(f"no prompts file at {path}")
     if path.suffix == ".json":
         samples = load_demo_prompts(path, args.num_prompts)
         return [s["prompt"] for s in samples], [tokenizer.decode(s["continuation"]) for s in samples]
@@ -153,8 +177,11 @@ def _sweep_prompts(args, tokenizer) -> tuple[list[list[int]], list[str] | None]:
 
 
 def run_sweep(args) -> None:
-    from bild_jax.sweep import MAX_ROUGE_LOSS, run_sweep as sweep
+    from bild_jax.sweep import MAX_ROUGE_LOSS, grid_configs, run_sweep as sweep
 
+    if args.num_prompts < 1:
+        raise InputError("--num-prompts must be >= 1")
+    grid_configs(args.fallbacks, args.rollbacks, args.max_new_tokens, args.max_draft)  # bad flags fail before loading
     small, large, tokenizer = _load_pair(args)
     prompts, references = _sweep_prompts(args, tokenizer)
     result = sweep(small, large, prompts, references, tokenizer.decode, args.fallbacks, args.rollbacks,
@@ -177,11 +204,11 @@ def run_bench(args) -> None:
     from bild_jax.bench import DEFAULT_LARGE, DEFAULT_SMALL, print_report, run_bench as bench
 
     if args.shape is not None and (args.small, args.large) != (DEFAULT_SMALL, DEFAULT_LARGE):
-        raise UsageError("--shape makes both models; drop --small/--large")
+        raise InputError("--shape makes both models; drop --small/--large")
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
-        raise UsageError(f"--batch-sizes expects comma-separated ints, got {args.batch_sizes!r}") from None
+        raise InputError(f"--batch-sizes expects comma-separated ints, got {args.batch_sizes!r}") from None
     settings = dict(small=args.small, large=args.large, shape=args.shape, dtype=args.dtype, fallback=args.fallback,
                     rollback=args.rollback, max_draft=args.max_draft, num_prompts=args.num_prompts,
                     max_new_tokens=args.max_new_tokens, batch_sizes=batch_sizes, prompts_file=args.prompts_file)
@@ -196,21 +223,34 @@ def run_bench(args) -> None:
         return
     print_report(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_text_atomic(args.json, json.dumps(result, indent=1))
+
+
+COMMANDS = {"generate": run_generate, "demo": run_demo, "sweep": run_sweep, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command in `argv` and returns its exit code: 0, 2 for bad input (one line on stderr), 1 for
+    a bug (its traceback). `argv` None: the process's own command line, and the process is the command,
+    so Ctrl-C ends it with one line and exit code 130 (`bild_jax.interrupt`)."""
+    if argv is None:
+        exit_on_interrupt("bild-jax")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     try:
-        {"generate": run_generate, "demo": run_demo, "sweep": run_sweep, "bench": run_bench}[args.command](args)
-    except (UsageError, ValueError, OSError, NotImplementedError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        COMMANDS[args.command](args)
+    except (InputError, OSError) as error:  # OSError: a missing, unreadable or unwritable file
+        message = " ".join(str(error).split()) or type(error).__name__
         print(f"bild-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"bild-jax {args.command}: internal error: this is a bug in bild-jax {bild_jax.__version__}; please "
+              f"report it with the command line and the traceback above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,11 +12,13 @@ from rich.table import Table
 from rich.text import Text
 
 from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.errors import InputError
 from bild_jax.evaluation import run_systems, summarize
 from bild_jax.generate import greedy_generate
 from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer
 
 DEMO_PROMPTS = BUNDLED_DIR / "demo_prompts.json"
+_SAMPLE_FORM = '{"prompt": [token ids], "continuation": [token ids]}'
 COLUMNS = [("system", "system", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"), ("speedup", "speedup", "{:.2f}x"),
            ("exact_match", "= large", "{:.0%}"), ("rouge_l", "ROUGE-L", "{:.1f}"),
            ("fallback_rate", "fallback/tok", "{:.2f}"), ("rollback_rate", "rollback/tok", "{:.2f}"),
@@ -24,11 +26,27 @@ COLUMNS = [("system", "system", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"), (
 
 
 def load_demo_prompts(path: Path, count: int) -> list[dict]:
-    """The first `count` held-out samples: {"prompt": [ids], "continuation": [ids]}."""
-    samples = json.loads(Path(path).read_text())
+    """The first `count` (>= 1) held-out samples: {"prompt": [ids], "continuation": [ids]}; InputError naming
+    the first sample that is not of that form."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"the number of prompts must be an int >= 1, got {count!r}")
+    try:
+        samples = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(samples, list):
+        raise InputError(f"{path} must hold a JSON list of {_SAMPLE_FORM}, got a {type(samples).__name__}")
     if not samples:
-        raise ValueError(f"{path} holds no prompts")
-    return samples[:count]
+        raise InputError(f"{path} holds no prompts")
+    samples = samples[:count]
+    for i, sample in enumerate(samples):
+        if not (isinstance(sample, dict) and all(_is_ids(sample.get(key)) for key in ("prompt", "continuation"))):
+            raise InputError(f"sample {i} of {path} is not of the form {_SAMPLE_FORM}: {str(sample)[:80]}")
+    return samples
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-aligned",
@@ -38,14 +56,14 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     returns the table rows."""
     console = console or Console(width=max(Console().width, 120))  # the table needs ~110 columns
     samples = load_demo_prompts(prompts_file, num_prompts)
+    default = BiLDConfig(max_new_tokens=max_new_tokens)  # settings checked before the models load
+    exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
     tokenizer = load_tokenizer(large)
     models = {"large": load_model(large), "small": load_model(small)}
     if aligned:
         models["aligned"] = load_model(aligned)
     prompts = [s["prompt"] for s in samples]
     references = [tokenizer.decode(s["continuation"]) for s in samples]
-    default = BiLDConfig(max_new_tokens=max_new_tokens)
-    exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
     best_small = models.get("aligned", models["small"])
     systems = [
         ("large", lambda p: greedy_generate(models["large"], p, max_new_tokens)),

@@ -9,7 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
+from bild_jax.atomic import atomic_path
 from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.errors import InputError
 from bild_jax.evaluation import run_systems, summarize
 from bild_jax.generate import greedy_generate
 
@@ -22,6 +24,15 @@ def pareto_front(rows: list[dict]) -> list[dict]:
                                        and (o["speedup"], o["rouge_l"]) != (r["speedup"], r["rouge_l"]) for o in rows)]
 
 
+def grid_configs(fallbacks, rollbacks, max_new_tokens: int, max_draft: int) -> list[BiLDConfig]:
+    """The checked BiLD config of every (fallback, rollback) point, fallback-major; InputError for an empty
+    grid or a bad setting, before any model runs."""
+    if not fallbacks or not rollbacks:
+        raise InputError(f"the grid is empty: fallbacks {list(fallbacks)}, rollbacks {list(rollbacks)}")
+    return [BiLDConfig(fallback_threshold=f, rollback_threshold=r, max_draft=max_draft, max_new_tokens=max_new_tokens)
+            for f, r in itertools.product(fallbacks, rollbacks)]
+
+
 def run_sweep(small, large, prompts: list[list[int]], references: list[str] | None, decode, fallbacks, rollbacks,
               max_new_tokens: int, max_draft: int, out_dir: Path, console: Console | None = None) -> dict:
     """Runs large-only greedy and BiLD at every (fallback, rollback) point, at batch 1.
@@ -30,29 +41,31 @@ def run_sweep(small, large, prompts: list[list[int]], references: list[str] | No
     `out_dir/sweep.csv` and `out_dir/sweep.png`; returns {"rows", "baseline", "recommended", "csv", "png"}.
     """
     console = console or Console()
-    grid = list(itertools.product(fallbacks, rollbacks))
+    configs = grid_configs(fallbacks, rollbacks, max_new_tokens, max_draft)
+    if not prompts:
+        raise InputError("the sweep needs at least one prompt")
     systems = [("large", lambda p: greedy_generate(large, p, max_new_tokens))]
-    for fallback, rollback in grid:
-        config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,
-                            max_new_tokens=max_new_tokens)
-        systems.append(("BiLD", lambda p, c=config: bild_generate(small, large, p, c)))
+    systems += [("BiLD", lambda p, c=config: bild_generate(small, large, p, c)) for config in configs]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{len(systems)} systems on {len(prompts)} prompts",
                                  total=len(systems) * (len(prompts) + 1))
         baseline, *bild_runs = run_systems(systems, prompts, on_call=lambda _: progress.advance(task))
     references = references or [decode(o) for o in baseline.outputs]
-    runs = list(zip(grid, bild_runs))
     base_row = summarize(baseline, baseline, references, decode)
-    rows = [{"fallback": f, "rollback": r, **summarize(run, baseline, references, decode)} for (f, r), run in runs]
+    rows = [{"fallback": c.fallback_threshold, "rollback": c.rollback_threshold,
+             **summarize(run, baseline, references, decode)} for c, run in zip(configs, bild_runs)]
     eligible = [r for r in rows if r["rouge_l"] >= base_row["rouge_l"] - MAX_ROUGE_LOSS]
     recommended = max(eligible, key=lambda r: r["speedup"]) if eligible else None
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "sweep.csv", out_dir / "sweep.png"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    _plot(rows, base_row, recommended, png_path)
+    # Both files are written in full before either replaces its previous version: an interrupted sweep
+    # leaves the previous pair.
+    with atomic_path(csv_path) as csv_partial, atomic_path(png_path) as png_partial:
+        with csv_partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        _plot(rows, base_row, recommended, png_partial)
     return {"rows": rows, "baseline": base_row, "recommended": recommended, "csv": csv_path, "png": png_path}
 
 

@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from bild_jax.cache import KVCache
+from bild_jax.errors import Unsupported
 from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    kv_block, token_ids)
+                                    kv_block)
 from bild_jax.models.family import ModelFamily
+from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -51,42 +53,48 @@ class LlamaConfig:
         model_type = hf["model_type"]
         rope = dict(hf.get("rope_parameters") or {})
         rope.update(hf.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_theta = config_float({"rope_theta": rope.pop("rope_theta", hf.get("rope_theta"))}, "rope_theta", 10000.0)
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise NotImplementedError(
+            raise Unsupported(
                 f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise NotImplementedError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+            raise Unsupported("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
         rope["rope_type"] = rope_type
-        heads = hf["num_attention_heads"]
+        hidden_size = config_int(hf, "hidden_size")
+        heads = config_int(hf, "num_attention_heads")
+        kv_heads = config_int(hf, "num_key_value_heads", heads)
+        check_divides("num_key_value_heads", kv_heads, "num_attention_heads", heads)
+        head_dim = config_int(hf, "head_dim", None)
+        if head_dim is None:
+            check_divides("num_attention_heads", heads, "hidden_size", hidden_size)
+            head_dim = hidden_size // heads
         sliding_window = hf.get("sliding_window")
         if model_type == "qwen2" and not hf.get("use_sliding_window", False):
             sliding_window = None
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=config_int(hf, "vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=config_int(hf, "intermediate_size"),
+            num_layers=config_int(hf, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config_float(hf, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (list, dict)))),
-            max_positions=hf.get("max_position_embeddings", 2048),
+            max_positions=config_int(hf, "max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hf.get("hidden_act", "silu"),
             sliding_window=sliding_window,
-            eos_token_id=token_ids(hf.get("eos_token_id")),
+            eos_token_id=token_ids(hf, "eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
-
 
 def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
     """[head_dim // 2] float32 inverse frequencies, with the config's rope scaling applied."""
@@ -182,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
         batch, width = tokens.shape
         context = cache.capacity if cache is not None else width
         if cfg.sliding_window is not None and context > cfg.sliding_window:
-            raise NotImplementedError(
+            raise Unsupported(
                 f"{cfg.model_type} sliding-window attention (window {cfg.sliding_window}) is not implemented, and a "
                 f"context of {context} tokens would need it; use a cache of at most {cfg.sliding_window} slots")
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
