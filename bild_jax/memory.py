@@ -131,11 +131,17 @@ def _pass_bytes(model: Model, batch: int, prompt_width: int, capacity: int,
     and shape, on every new shape.)"""
     config = model.config
     loop_dtype = jax.eval_shape(for_decode_loop, model).dtype  # CPU: half-precision models run in float32
-    cache = jax.eval_shape(lambda: model.family.init_cache(config, batch, capacity, loop_dtype))
-    cache_bytes = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(cache))
+
+    def cache_bytes_at(slots: int) -> int:
+        cache = jax.eval_shape(lambda: model.family.init_cache(config, batch, slots, loop_dtype))
+        return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(cache))
+
+    # Linear in the slots; measured at 1 and 2 slots, so that an absurd capacity is never a shape.
+    per_slot = cache_bytes_at(2) - cache_bytes_at(1)
+    cache_bytes = cache_bytes_at(1) + per_slot * (capacity - 1)
     if model.is_encoder_decoder:
         # Cross-attention keeps keys/values for each encoder position, as self-attention does per slot.
-        cache_bytes += cache_bytes * prompt_width // capacity
+        cache_bytes += per_slot * prompt_width
         prompt_keys, decoder_prompt = prompt_width, 1
     else:
         prompt_keys, decoder_prompt = capacity + prompt_width, prompt_width
@@ -154,4 +160,7 @@ def _nbytes(x) -> int:
 
 
 def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= size / 10:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"

@@ -75,7 +75,9 @@ def _integer_row(row, index: int) -> np.ndarray:
         values = np.asarray(None)
     if values.size == 0:
         return values.astype(np.int64).reshape(-1)
-    if values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
+    # numpy turns [True, 1] into integers; a bool is never a token id.
+    bools = isinstance(row, (list, tuple)) and any(isinstance(t, (bool, np.bool_)) for t in row)
+    if bools or values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
         raise InputError(f"prompt {index} must hold integer token ids, got {str(row)[:60]} ({values.dtype})")
     return values.astype(np.int64).reshape(-1)
 
