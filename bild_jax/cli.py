@@ -115,7 +115,11 @@ def _read_prompts(args) -> list[str]:
     else:
         if not args.prompts_file.is_file():
             raise InputError(f"no prompts file at {args.prompts_file}")
-        prompts = [line.rstrip("\n") for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            text = args.prompts_file.read_text()
+        except UnicodeDecodeError:
+            raise InputError(f"{args.prompts_file} is not a UTF-8 text file") from None
+        prompts = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
         if not prompts:
             raise InputError(f"{args.prompts_file} holds no prompts")
     if any(not p.strip() for p in prompts):
@@ -171,7 +175,8 @@ def _sweep_prompts(args, tokenizer) -> tuple[list[list[int]], list[str] | None]:
         raise InputError(f"no prompts file at {path}")
     if path.suffix == ".json":
         samples = load_demo_prompts(path, args.num_prompts)
-        return [s["prompt"] for s in samples], [tokenizer.decode(s["continuation"]) for s in samples]
+        references = [tokenizer.decode(s["continuation"]) for s in samples if "continuation" in s]
+        return [s["prompt"] for s in samples], references if len(references) == len(samples) else None
     args.prompt, args.prompts_file = None, path
     return [tokenizer(p)["input_ids"] for p in _read_prompts(args)[:args.num_prompts]], None
 
@@ -246,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"bild-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except Exception:
+    except Exception as error:
+        if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
+            # The estimate (`bild_jax.memory`) missed by a little: the sizes asked for, not a bug.
+            print(f"bild-jax {args.command}: error: out of memory ({type(error).__name__}); lower --max-new-tokens, "
+                  f"--max-draft or the number of prompts", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"bild-jax {args.command}: internal error: this is a bug in bild-jax {bild_jax.__version__}; please "
               f"report it with the command line and the traceback above", file=sys.stderr)

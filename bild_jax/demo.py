@@ -18,16 +18,16 @@ from bild_jax.generate import greedy_generate
 from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer
 
 DEMO_PROMPTS = BUNDLED_DIR / "demo_prompts.json"
-_SAMPLE_FORM = '{"prompt": [token ids], "continuation": [token ids]}'
+_SAMPLE_FORM = '{"prompt": [token ids], "continuation": [token ids] (optional)}'
 COLUMNS = [("system", "system", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"), ("speedup", "speedup", "{:.2f}x"),
            ("exact_match", "= large", "{:.0%}"), ("rouge_l", "ROUGE-L", "{:.1f}"),
            ("fallback_rate", "fallback/tok", "{:.2f}"), ("rollback_rate", "rollback/tok", "{:.2f}"),
            ("large_calls_per_token", "large calls/tok", "{:.2f}")]
 
 
-def load_demo_prompts(path: Path, count: int) -> list[dict]:
-    """The first `count` (>= 1) held-out samples: {"prompt": [ids], "continuation": [ids]}; InputError naming
-    the first sample that is not of that form."""
+def load_demo_prompts(path: Path, count: int, with_continuation: bool = False) -> list[dict]:
+    """The first `count` (>= 1) held-out samples: {"prompt": [ids], "continuation": [ids]}, the continuation
+    optional unless `with_continuation`; InputError naming the first sample that is not of that form."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise InputError(f"the number of prompts must be an int >= 1, got {count!r}")
     try:
@@ -40,8 +40,11 @@ def load_demo_prompts(path: Path, count: int) -> list[dict]:
         raise InputError(f"{path} holds no prompts")
     samples = samples[:count]
     for i, sample in enumerate(samples):
-        if not (isinstance(sample, dict) and all(_is_ids(sample.get(key)) for key in ("prompt", "continuation"))):
-            raise InputError(f"sample {i} of {path} is not of the form {_SAMPLE_FORM}: {str(sample)[:80]}")
+        good = isinstance(sample, dict) and _is_ids(sample.get("prompt")) and (
+            _is_ids(sample["continuation"]) if "continuation" in sample else not with_continuation)
+        if not good:
+            form = _SAMPLE_FORM.replace(" (optional)", "") if with_continuation else _SAMPLE_FORM
+            raise InputError(f"sample {i} of {path} is not of the form {form}: {str(sample)[:80]}")
     return samples
 
 
@@ -55,7 +58,7 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     """Runs every system at batch 1 on the held-out prompts, prints the table and a coloured sample, and
     returns the table rows."""
     console = console or Console(width=max(Console().width, 120))  # the table needs ~110 columns
-    samples = load_demo_prompts(prompts_file, num_prompts)
+    samples = load_demo_prompts(prompts_file, num_prompts, with_continuation=True)
     default = BiLDConfig(max_new_tokens=max_new_tokens)  # settings checked before the models load
     exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
     tokenizer = load_tokenizer(large)

@@ -44,8 +44,8 @@ def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
         return path
     name = str(path_or_hub_id)
     # `models/smal` is a hub id in form, but a typo in a local path when the folder `models` exists here.
-    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")) or (path.parent != Path(".")
-                                                                        and path.parent.is_dir()):
+    local_typo = path.parent != Path(".") and path.parent.is_dir()
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")) or local_typo:
         raise FileNotFoundError(f"no model directory at {name}")
     from huggingface_hub import snapshot_download
 

@@ -26,6 +26,8 @@ def exit_on_interrupt(label: str) -> None:
 
     Call it from the main thread of a program (it replaces the process-wide handler), never from a
     library or a test process."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread; elsewhere Python's default stays
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     signal.signal(signal.SIGINT, lambda *_: _exit(label))  # runs if the main thread gets there first

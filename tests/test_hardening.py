@@ -95,7 +95,6 @@ def test_prompts_json_of_the_wrong_schema(tmp_path, capsys, no_compile, content,
     assert code == 2 and err.count("\n") == 1 and message in err
 
 
-@needs_bundled
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(capsys, monkeypatch):
     def broken(args):
         raise ValueError("an internal invariant failed")  # a plain ValueError is not an input error
@@ -107,6 +106,15 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(capsys, monkeypatch):
     assert err.splitlines()[-1].startswith("bild-jax generate: internal error: this is a bug in bild-jax")
 
 
+def test_running_out_of_memory_is_one_line_not_a_bug_report(capsys, monkeypatch):
+    def exhausted(args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 723000000000 bytes.")
+
+    monkeypatch.setitem(cli.COMMANDS, "generate", exhausted)
+    code, err = run_cli(["generate", "--prompt", "x"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "out of memory (RuntimeError); lower --max-new-tokens" in err
+
+
 _VALUES = st.one_of(st.integers(-2 ** 70, 2 ** 70).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
                     st.sampled_from(["0", "1", "0.5", "inf", "-0", "1e400", "", " ", "nan", "0x10", "1_000"]),
                     st.text(max_size=4))
@@ -116,7 +124,7 @@ _FLAGS = {"generate": ["--fallback", "--rollback", "--max-draft", "--max-new-tok
 
 
 @needs_bundled
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_flags_exit_cleanly(data, capsys, no_compile):
     """Any value for any flag: exit 0, or 2 with one line; never a traceback."""
@@ -141,7 +149,7 @@ _FIELDS = ["fallback_threshold", "rollback_threshold", "max_draft", "max_new_tok
            "verify_tail", "temperature", "top_k", "top_p"]
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_bild_configs_are_refused_or_run(data, bild_pair, no_compile):
     small, large = bild_pair("llama")
