@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import random
 import signal
@@ -67,10 +68,11 @@ def _hook_stages() -> None:
 
 
 def run_trial(moment: str, delay: float, pythonpath: str | None = None, timeout: float = 300) -> dict:
-    """Starts a child, sends SIGINT `delay` seconds after it reaches `moment`, and waits for it to end.
+    """Starts a child, sends SIGINT `delay` seconds after it reaches `moment`, and waits `timeout` seconds
+    for it to end.
 
-    Returns {"moment", "reached" (False: the child ended first), "returncode", "stderr_lines" (non-empty
-    lines), "stderr", "seconds_to_exit" (from the signal)}."""
+    Returns {"moment", "reached" (False: the child ended first), "returncode" ("hung": killed at the
+    timeout), "stderr_lines" (non-empty lines), "stderr", "seconds_to_exit" (from the signal)}."""
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
@@ -86,11 +88,13 @@ def run_trial(moment: str, delay: float, pythonpath: str | None = None, timeout:
             break
     try:
         _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+        hung = False
+    except subprocess.TimeoutExpired:  # the signal was swallowed, or the process hangs
         process.kill()
         _, stderr = process.communicate()
+        hung = True
     ended = time.monotonic()
-    return {"moment": moment, "reached": reached, "returncode": process.returncode,
+    return {"moment": moment, "reached": reached, "returncode": "hung" if hung else process.returncode,
             "stderr_lines": [line for line in stderr.splitlines() if line.strip()], "stderr": stderr,
             "seconds_to_exit": None if sent is None else ended - sent}
 
@@ -100,17 +104,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--pythonpath", help="the bild_jax to test (default: the inherited PYTHONPATH)")
     parser.add_argument("--moments", default=",".join(MOMENTS))
+    parser.add_argument("--timeout", type=float, default=120, help="seconds after the signal before 'hung'")
     args = parser.parse_args()
     rng = random.Random(0)
     for moment in args.moments.split(","):
         outcomes, waits = collections.Counter(), []
         for _ in range(args.trials):
-            trial = run_trial(moment, rng.uniform(0.0, 0.5), args.pythonpath)
+            trial = run_trial(moment, rng.uniform(0.0, 0.5), args.pythonpath, args.timeout)
             lines = len(trial["stderr_lines"])
             outcomes[(trial["returncode"], "1 line" if lines == 1 else f"{lines} lines")] += 1
-            if trial["seconds_to_exit"] is not None:
+            if trial["seconds_to_exit"] is not None and trial["returncode"] != "hung":
                 waits.append(trial["seconds_to_exit"])
-        waits.sort()
+        waits = sorted(waits) or [math.nan]
         print(f"{moment:10s} {dict(outcomes)}  signal->exit median {waits[len(waits) // 2]:.2f}s max {waits[-1]:.2f}s",
               flush=True)
 
