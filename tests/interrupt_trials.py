@@ -18,7 +18,9 @@ import subprocess
 import sys
 import time
 
-MOMENTS = ("importing", "loading", "compiling", "decoding")
+# importing: from the process's first line, so it includes the ~50 ms before `main` installs its handling,
+# where Python's own KeyboardInterrupt applies; library: importing JAX and the library, after that.
+MOMENTS = ("importing", "library", "loading", "compiling", "decoding")
 # A length that makes decoding last a few seconds on a CPU, after ~10 s of compiling.
 GENERATE = ["generate", "--prompt", "def main(argv):", "--max-new-tokens", "300", "--max-draft", "4"]
 STATIC = ("max_new_tokens", "max_draft", "pad_token_id")  # _bild_decode_jit's static arguments
@@ -29,8 +31,8 @@ def _marker(stage: str) -> None:
 
 
 def child(argv: list[str]) -> None:
-    """Runs `bild-jax *argv` as the process's own command, printing @importing, @loading, @compiling and
-    @decoding on stdout as each stage starts. The stages are hooked from inside `cli.build_parser`, which
+    """Runs `bild-jax *argv` as the process's own command, printing @importing, @library, @loading,
+    @compiling and @decoding on stdout as each stage starts. The stages are hooked from inside `cli.build_parser`, which
     `main` calls after installing its Ctrl-C handling, so that the hooks import nothing before it does."""
     _marker("importing")
     from bild_jax import cli
@@ -38,6 +40,7 @@ def child(argv: list[str]) -> None:
     build_parser = cli.build_parser
 
     def hooked_build_parser():
+        _marker("library")
         parser = build_parser()  # imports JAX and the library
         _hook_stages()
         return parser
@@ -72,7 +75,8 @@ def run_trial(moment: str, delay: float, pythonpath: str | None = None, timeout:
     for it to end.
 
     Returns {"moment", "reached" (False: the child ended first), "returncode" ("hung": killed at the
-    timeout), "stderr_lines" (non-empty lines), "stderr", "seconds_to_exit" (from the signal)}."""
+    timeout), "stderr_lines" (non-empty lines), "stderr", "stages_after" (stage markers printed after the
+    signal), "seconds_to_exit" (from the signal)}."""
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
@@ -87,15 +91,16 @@ def run_trial(moment: str, delay: float, pythonpath: str | None = None, timeout:
             process.send_signal(signal.SIGINT)
             break
     try:
-        _, stderr = process.communicate(timeout=timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
         hung = False
     except subprocess.TimeoutExpired:  # the signal was swallowed, or the process hangs
         process.kill()
-        _, stderr = process.communicate()
+        stdout, stderr = process.communicate()
         hung = True
     ended = time.monotonic()
     return {"moment": moment, "reached": reached, "returncode": "hung" if hung else process.returncode,
             "stderr_lines": [line for line in stderr.splitlines() if line.strip()], "stderr": stderr,
+            "stages_after": [line.strip() for line in stdout.splitlines() if line.startswith("@")],
             "seconds_to_exit": None if sent is None else ended - sent}
 
 

@@ -263,6 +263,7 @@ def _edit_config(directory, **changes):
     (dict(model_type=None), "has no model_type"),
 ])
 def test_bad_config_fields_are_named(llama_dir, changes, message):
+    _edit_config(llama_dir, **changes)
     with pytest.raises(InputError, match=message):
         bild_jax.load_model(llama_dir)
 
