@@ -23,6 +23,7 @@ import optax
 from rich.console import Console
 from rich.progress import Progress
 
+from bild_jax.errors import InputError
 from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.evaluation import exact_match, run_systems
 from bild_jax.export import save_like
@@ -183,10 +184,10 @@ def align(small: str | Path, large: str | Path, prompts: Sequence[Sequence[int]]
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "alignment"
     prompts = [list(map(int, p)) for p in prompts]
     if not 1 <= eval_prompts < len(prompts):
-        raise ValueError(f"eval_prompts must be in [1, {len(prompts) - 1}] for {len(prompts)} prompts, "
+        raise InputError(f"eval_prompts must be in [1, {len(prompts) - 1}] for {len(prompts)} prompts, "
                          f"got {eval_prompts}")
     if len(prompts) - eval_prompts < batch_size:
-        raise ValueError(f"{len(prompts) - eval_prompts} training prompts are fewer than one batch of {batch_size}")
+        raise InputError(f"{len(prompts) - eval_prompts} training prompts are fewer than one batch of {batch_size}")
     settings = {"small": str(small), "large": str(large), "prompts": _fingerprint(prompts),
                 "eval_prompts": eval_prompts, "steps": steps, "batch_size": batch_size, "lr": lr,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
@@ -195,9 +196,9 @@ def align(small: str | Path, large: str | Path, prompts: Sequence[Sequence[int]]
     started = time.perf_counter()
     small_model, large_model = load_model(small), load_model(large)
     if small_model.vocab_size != large_model.vocab_size:
-        raise ValueError(f"vocabularies differ: small {small_model.vocab_size}, large {large_model.vocab_size}")
+        raise InputError(f"vocabularies differ: small {small_model.vocab_size}, large {large_model.vocab_size}")
     if small_model.is_encoder_decoder != large_model.is_encoder_decoder:
-        raise ValueError("one model is encoder-decoder and the other decoder-only; BiLD needs two of a kind")
+        raise InputError("one model is encoder-decoder and the other decoder-only; BiLD needs two of a kind")
 
     data_file = work_dir / "distillation.npz"
     if data_file.is_file():
@@ -265,7 +266,7 @@ def _claim(work_dir: Path, settings: dict) -> None:
         earlier = json.loads(path.read_text())
         changed = sorted(k for k in settings.keys() | earlier.keys() if earlier.get(k) != settings.get(k))
         if changed:
-            raise ValueError(f"{work_dir} holds an alignment run with other settings ({', '.join(changed)}); "
+            raise InputError(f"{work_dir} holds an alignment run with other settings ({', '.join(changed)}); "
                              f"resume with the same ones, or use a new output directory")
     else:
         path.write_text(json.dumps(settings, indent=1))

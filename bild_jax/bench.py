@@ -36,6 +36,7 @@ from rich.table import Table
 import bild_jax
 from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.demo import DEMO_PROMPTS, load_demo_prompts
+from bild_jax.errors import InputError
 from bild_jax.evaluation import run_systems
 from bild_jax.generate import greedy_generate
 from bild_jax.hub import BUNDLED_PREFIX, load_model
@@ -378,13 +379,13 @@ def check_settings(shape: str | None, dtype: str | None, num_prompts: int, max_n
     """The BiLD config of the settings; ValueError (FileNotFoundError for the prompts) naming the first bad
     one."""
     if shape is not None and shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+        raise InputError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
     if num_prompts < 1:
-        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        raise InputError(f"num_prompts must be >= 1, got {num_prompts}")
     if any(b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+        raise InputError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     if prompts_file is not None and not Path(prompts_file).is_file():
         raise FileNotFoundError(f"no prompts file at {prompts_file}")
     return BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,

@@ -29,21 +29,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 
 from bild_jax import policies
 from bild_jax.cache import KVBlock
-from bild_jax.generate import sample_decode_jit, output_pad_id, prepare_inputs
+from bild_jax.errors import InputError
+from bild_jax.generate import output_pad_id, prepare_inputs, sample_decode_jit
+from bild_jax.memory import check_bild_fits
 from bild_jax.model import Model, for_decode_loop
 from bild_jax.prompts import decoder_capacity, eos_array, is_eos, prefill
 from bild_jax.rows import set_at, take_at, take_block
-from bild_jax.schedule import BatchSchedule, ScheduleTable, resolve, traced_limits
 from bild_jax.sampling import DRAFT, TOKEN, SamplingParams, check_rng, check_sampling, process_logits, row_keys, sample
+from bild_jax.schedule import BatchSchedule, ScheduleTable, resolve, traced_limits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +77,34 @@ class BiLDConfig:
     schedule: BatchSchedule | ScheduleTable | None = None
 
     def __post_init__(self):
-        if not 0.0 <= float(self.fallback_threshold) <= 1.0:
-            raise ValueError(f"fallback_threshold must be in [0, 1], got {self.fallback_threshold}")
-        if math.isnan(float(self.rollback_threshold)) or float(self.rollback_threshold) < 0:
-            raise ValueError(f"rollback_threshold must be >= 0 (inf allowed), got {self.rollback_threshold}")
+        # Values are checked by type as well as range (a string or float where an int belongs would be
+        # converted silently), then stored as plain Python numbers: numpy scalars are fine input, and the
+        # sizes become static jit arguments.
+        for name in ("fallback_threshold", "rollback_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InputError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not 0.0 <= self.fallback_threshold <= 1.0:
+            raise InputError(f"fallback_threshold must be in [0, 1], got {self.fallback_threshold}")
+        if math.isnan(self.rollback_threshold) or self.rollback_threshold < 0:
+            raise InputError(f"rollback_threshold must be >= 0 (inf allowed), got {self.rollback_threshold}")
         for name in ("max_draft", "max_new_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"{name} must be an int >= 1, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("exact", "verify_tail"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise InputError(f"{name} must be True or False, got {value!r}")
+            object.__setattr__(self, name, bool(value))
         check_sampling(self.temperature, self.top_k, self.top_p)
         if self.schedule is not None and not isinstance(self.schedule, (BatchSchedule, ScheduleTable)):
-            raise ValueError(f"schedule must be a BatchSchedule, a ScheduleTable or None, got {self.schedule!r}")
+            raise InputError(f"schedule must be a BatchSchedule, a ScheduleTable or None, got {self.schedule!r}")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "top_p", float(self.top_p))
 
     @classmethod
     def from_profile(cls, source, **settings) -> "BiLDConfig":
@@ -368,6 +389,14 @@ def decode_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
                          waited=jnp.where(needs_large, 0, state.waited))
 
 
+def cache_capacities(small: Model, large: Model, prompt_width: int, max_new_tokens: int,
+                     max_draft: int) -> tuple[int, int]:
+    """Slots per row of the small and the large cache: prompt bucket (T5: the start token) + max_new_tokens
+    + 2, and + max_draft + 1, so that a write never runs past the end (`dynamic_update_slice` would clamp)."""
+    return (decoder_capacity(small, prompt_width, max_new_tokens + 2),
+            decoder_capacity(large, prompt_width, max_new_tokens + max_draft + 1))
+
+
 def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array) -> DecodeState:
     """Prefills both caches and writes the large model's first token."""
     def offset(model: Model) -> jax.Array:
@@ -375,9 +404,9 @@ def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array
 
     batch, width = prompts.shape
     n = ctx.max_new_tokens
-    _, small_cache = prefill(ctx.small, prompts, prompt_lengths, decoder_capacity(ctx.small, width, n + 2))
-    large_logits, large_cache = prefill(ctx.large, prompts, prompt_lengths,
-                                        decoder_capacity(ctx.large, width, n + ctx.max_draft + 1))
+    small_capacity, large_capacity = cache_capacities(ctx.small, ctx.large, width, n, ctx.max_draft)
+    _, small_cache = prefill(ctx.small, prompts, prompt_lengths, small_capacity)
+    large_logits, large_cache = prefill(ctx.large, prompts, prompt_lengths, large_capacity)
     zeros = jnp.zeros((batch,), jnp.int32)
     first = ctx.draw(process_logits(large_logits, ctx.policy.sampling), zeros, TOKEN)              # [B]
     return DecodeState(
@@ -446,11 +475,11 @@ def check_pair(small: Model, large: Model) -> None:
     """Clear errors for a small/large pair that cannot decode together."""
     if small.is_encoder_decoder != large.is_encoder_decoder:
         kinds = {True: "encoder-decoder", False: "decoder-only"}
-        raise ValueError(f"cannot pair a {kinds[small.is_encoder_decoder]} small model "
+        raise InputError(f"cannot pair a {kinds[small.is_encoder_decoder]} small model "
                          f"({small.config.model_type}) with a {kinds[large.is_encoder_decoder]} large model "
                          f"({large.config.model_type})")
     if small.vocab_size != large.vocab_size:
-        raise ValueError(f"the models' vocabularies differ: small has {small.vocab_size} rows, large has "
+        raise InputError(f"the models' vocabularies differ: small has {small.vocab_size} rows, large has "
                          f"{large.vocab_size}; BiLD needs one shared tokenizer. If one tokenizer serves both and "
                          "the extra rows only pad the embedding, decode over the shared rows: small, large = "
                          "bild_jax.shared_vocabulary(small, large, small_tokenizer, large_tokenizer)")
@@ -475,6 +504,8 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
     check_rng(rng, config.temperature)
     (large, small), prompts, prompt_lengths = prepare_inputs((large, small), input_ids, config.max_new_tokens,
                                                              attention_mask, mesh)
+    check_bild_fits(small, large, prompts, cache_capacities(small, large, prompts.shape[1], config.max_new_tokens,
+                                                            config.max_draft), config.max_new_tokens, config.max_draft)
     schedule = resolve(config.schedule, len(prompts))
     eos_ids = eos_array(large, config.eos_token_id)
     policy = BiLDPolicy.from_config(config, eos_ids, len(prompts))

@@ -6,15 +6,24 @@ import argparse
 import dataclasses
 import json
 import sys
+import traceback
 from pathlib import Path
 
-import jax
-
+# Only light imports here: `main` installs the Ctrl-C handling before JAX is imported (`bild_jax` imports
+# its public names on first use).
 import bild_jax
+from bild_jax.atomic import write_text_atomic
+from bild_jax.errors import InputError
+from bild_jax.interrupt import exit_on_interrupt
+
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # what jax.random.key takes
 
 
-class UsageError(Exception):
-    """Bad input from the command line: printed as one line, exit code 2."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the command's one-line format (argparse prints usage + error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True, max_new_tokens: int = 64,
@@ -40,9 +49,22 @@ def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"a seed must fit in 64 bits (a signed int64), got {seed}")
+    return seed
 
 
 def _ints(text: str) -> list[int]:
@@ -53,7 +75,7 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bild-jax", description="Big Little Decoder text generation in JAX.")
+    parser = _Parser(prog="bild-jax", description="Big Little Decoder text generation in JAX.")
     parser.add_argument("--version", action="version", version=f"bild-jax {bild_jax.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate = commands.add_parser("generate", help="generate text with a small/large pair")
@@ -68,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
     generate.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens, 0 = all")
     generate.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p nucleus, 1 = all")
-    generate.add_argument("--seed", type=int, default=0, help="PRNG seed when sampling (default %(default)s)")
+    generate.add_argument("--seed", type=_seed, default=0, help="PRNG seed when sampling (default %(default)s)")
     generate.add_argument("--schedule", type=Path,
                           help="batch schedule table (JSON from `bild-jax bench --save-schedule`); default: the "
                                "built-in table for this backend")
@@ -158,19 +180,23 @@ def _read_prompts(args) -> list[str]:
         prompts = [args.prompt]
     else:
         if not args.prompts_file.is_file():
-            raise UsageError(f"no prompts file at {args.prompts_file}")
-        prompts = [line.rstrip("\n") for line in args.prompts_file.read_text().splitlines() if line.strip()]
+            raise InputError(f"no prompts file at {args.prompts_file}")
+        try:
+            text = args.prompts_file.read_text()
+        except UnicodeDecodeError:
+            raise InputError(f"{args.prompts_file} is not a UTF-8 text file") from None
+        prompts = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise UsageError(f"{args.prompts_file} holds no prompts")
+            raise InputError(f"{args.prompts_file} holds no prompts")
     if any(not p.strip() for p in prompts):
-        raise UsageError("empty prompt")
+        raise InputError("empty prompt")
     return prompts
 
 
 def _shared_tokenizer(args):
     small_tok, large_tok = bild_jax.load_tokenizer(args.small), bild_jax.load_tokenizer(args.large)
     if small_tok.get_vocab() != large_tok.get_vocab():
-        raise UsageError(f"the tokenizers of {args.small} and {args.large} differ; BiLD needs one shared vocabulary")
+        raise InputError(f"the tokenizers of {args.small} and {args.large} differ; BiLD needs one shared vocabulary")
     return large_tok
 
 
@@ -181,7 +207,7 @@ def _load_pair(args):
     try:
         shared_small, shared_large = bild_jax.shared_vocabulary(small, large, small_tok, large_tok)
     except ValueError as error:
-        raise UsageError(f"cannot pair {args.small} with {args.large}: {error}") from None
+        raise InputError(f"cannot pair {args.small} with {args.large}: {error}") from None
     if shared_large.vocab_size != large.vocab_size or shared_small.vocab_size != small.vocab_size:
         print(f"note: the vocabularies differ only by padding rows (small {small.vocab_size}, large "
               f"{large.vocab_size}, one tokenizer of {len(large_tok)} tokens): decoding over the shared "
@@ -216,6 +242,8 @@ def run_generate(args) -> None:
     prompts = _read_prompts(args)
     config = _generate_config(args)
     small, large, tokenizer = _load_pair(args)
+    import jax
+
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     rng = jax.random.key(args.seed) if config.temperature > 0 else None  # greedy: the program without a key
     out = bild_jax.bild_generate(small, large, ids, config, rng=rng)
@@ -236,10 +264,10 @@ def run_demo(args) -> None:
     from bild_jax.demo import run_demo as demo
 
     if args.num_prompts < 1:
-        raise UsageError("--num-prompts must be >= 1")
+        raise InputError("--num-prompts must be >= 1")
     rows = demo(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
 
 
 def _sweep_prompts(args, tokenizer) -> tuple[list[list[int]], list[str] | None]:
@@ -247,17 +275,21 @@ def _sweep_prompts(args, tokenizer) -> tuple[list[list[int]], list[str] | None]:
 
     path = args.prompts_file or DEMO_PROMPTS
     if not path.is_file():
-        raise UsageError(f"no prompts file at {path}")
+        raise InputError(f"no prompts file at {path}")
     if path.suffix == ".json":
         samples = load_demo_prompts(path, args.num_prompts)
-        return [s["prompt"] for s in samples], [tokenizer.decode(s["continuation"]) for s in samples]
+        references = [tokenizer.decode(s["continuation"]) for s in samples if "continuation" in s]
+        return [s["prompt"] for s in samples], references if len(references) == len(samples) else None
     args.prompt, args.prompts_file = None, path
     return [tokenizer(p)["input_ids"] for p in _read_prompts(args)[:args.num_prompts]], None
 
 
 def run_sweep(args) -> None:
-    from bild_jax.sweep import MAX_ROUGE_LOSS, run_sweep as sweep
+    from bild_jax.sweep import MAX_ROUGE_LOSS, grid_configs, run_sweep as sweep
 
+    if args.num_prompts < 1:
+        raise InputError("--num-prompts must be >= 1")
+    grid_configs(args.fallbacks, args.rollbacks, args.max_new_tokens, args.max_draft)  # bad flags fail before loading
     small, large, tokenizer = _load_pair(args)
     prompts, references = _sweep_prompts(args, tokenizer)
     result = sweep(small, large, prompts, references, tokenizer.decode, args.fallbacks, args.rollbacks,
@@ -279,7 +311,7 @@ def run_align(args) -> None:
 
     for name in ("num_prompts", "prompt_tokens", "steps", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     tokenizer = _shared_tokenizer(args)
     texts = read_texts(args.data, args.text_field, args.split)
     prompts = prompt_windows(tokenizer, texts, args.prompt_tokens, args.num_prompts, args.seed)
@@ -298,7 +330,7 @@ def _profile_path(args) -> Path:
     if args.out is not None:
         return args.out / PROFILE_FILE if args.out.is_dir() or not args.out.suffix else args.out
     if not (args.small.startswith(BUNDLED_PREFIX) or Path(args.small).expanduser().is_dir()):
-        raise UsageError(f"{args.small} is not a local directory: pass --out for the profile")
+        raise InputError(f"{args.small} is not a local directory: pass --out for the profile")
     return resolve_model_dir(args.small) / PROFILE_FILE
 
 
@@ -308,7 +340,7 @@ def run_tune(args) -> None:
     from bild_jax.tune import NEAR_BEST, UNSTABLE, tune
 
     if args.num_prompts < 2:
-        raise UsageError("--num-prompts must be >= 2")
+        raise InputError("--num-prompts must be >= 2")
     profile_path = _profile_path(args)
     small, large, tokenizer = _load_pair(args)
     prompts, references = _sweep_prompts(args, tokenizer)
@@ -321,7 +353,7 @@ def run_tune(args) -> None:
           f"(against {'the continuations' if references else 'its own output'})")
     print(f"wrote {result['csv']} and {result['png']}")
     if profile is None:
-        raise UsageError(f"no grid point is within {args.max_rouge_loss:g} ROUGE-L of large-only; no profile written")
+        raise InputError(f"no grid point is within {args.max_rouge_loss:g} ROUGE-L of large-only; no profile written")
     quality, spread = profile.quality, result["spread"]
     print(f"recommended: fallback {profile.fallback_threshold:g}, rollback {profile.rollback_threshold:g}, "
           f"max_draft {profile.max_draft}: {profile.speedup:.2f}x (5-95%: {spread['speedup'][0]:.2f}-"
@@ -341,14 +373,14 @@ def run_bench(args) -> None:
     from bild_jax.bench import DEFAULT_LARGE, DEFAULT_SMALL, print_report, run_bench as bench
 
     if args.shape is not None and (args.small, args.large) != (DEFAULT_SMALL, DEFAULT_LARGE):
-        raise UsageError("--shape makes both models; drop --small/--large")
+        raise InputError("--shape makes both models; drop --small/--large")
     if args.save_schedule is not None and (args.shape is not None or not args.batch_sizes.strip()):
-        raise UsageError("--save-schedule needs --batch-sizes and a real pair (not --shape): random weights "
+        raise InputError("--save-schedule needs --batch-sizes and a real pair (not --shape): random weights "
                          "have no acceptance to schedule")
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
-        raise UsageError(f"--batch-sizes expects comma-separated ints, got {args.batch_sizes!r}") from None
+        raise InputError(f"--batch-sizes expects comma-separated ints, got {args.batch_sizes!r}") from None
     settings = dict(small=args.small, large=args.large, shape=args.shape, dtype=args.dtype, fallback=args.fallback,
                     rollback=args.rollback, max_draft=args.max_draft, num_prompts=args.num_prompts,
                     max_new_tokens=args.max_new_tokens, batch_sizes=batch_sizes, prompts_file=args.prompts_file)
@@ -367,22 +399,40 @@ def run_bench(args) -> None:
         return
     print_report(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_text_atomic(args.json, json.dumps(result, indent=1))
+
+
+COMMANDS = {"generate": run_generate, "demo": run_demo, "sweep": run_sweep, "align": run_align, "tune": run_tune,
+            "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command in `argv` and returns its exit code: 0, 2 for bad input (one line on stderr), 1 for
+    a bug (its traceback). `argv` None: the process's own command line, and the process is the command,
+    so Ctrl-C ends it with one line and exit code 130 (`bild_jax.interrupt`)."""
+    if argv is None:
+        exit_on_interrupt("bild-jax")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     try:
-        {"generate": run_generate, "demo": run_demo, "sweep": run_sweep, "align": run_align, "tune": run_tune,
-         "bench": run_bench}[args.command](args)
-    except (UsageError, ValueError, OSError, NotImplementedError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        COMMANDS[args.command](args)
+    except (InputError, OSError) as error:  # OSError: a missing, unreadable or unwritable file
+        message = " ".join(str(error).split()) or type(error).__name__
         print(f"bild-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
+            # The estimate (`bild_jax.memory`) missed by a little: the sizes asked for, not a bug.
+            print(f"bild-jax {args.command}: error: out of memory ({type(error).__name__}); lower --max-new-tokens, "
+                  f"--max-draft or the number of prompts", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"bild-jax {args.command}: internal error: this is a bug in bild-jax {bild_jax.__version__}; please "
+              f"report it with the command line and the traceback above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,24 +12,45 @@ from rich.table import Table
 from rich.text import Text
 
 from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.errors import InputError
 from bild_jax.evaluation import run_systems, summarize
 from bild_jax.generate import greedy_generate
 from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer
 from bild_jax.profile import find_profile
 
 DEMO_PROMPTS = BUNDLED_DIR / "demo_prompts.json"
+_SAMPLE_FORM = '{"prompt": [token ids], "continuation": [token ids] (optional)}'
 COLUMNS = [("system", "system", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"), ("speedup", "speedup", "{:.2f}x"),
            ("exact_match", "= large", "{:.0%}"), ("rouge_l", "ROUGE-L", "{:.1f}"),
            ("fallback_rate", "fallback/tok", "{:.2f}"), ("rollback_rate", "rollback/tok", "{:.2f}"),
            ("large_calls_per_token", "large calls/tok", "{:.2f}")]
 
 
-def load_demo_prompts(path: Path, count: int) -> list[dict]:
-    """The first `count` held-out samples: {"prompt": [ids], "continuation": [ids]}."""
-    samples = json.loads(Path(path).read_text())
+def load_demo_prompts(path: Path, count: int, with_continuation: bool = False) -> list[dict]:
+    """The first `count` (>= 1) held-out samples: {"prompt": [ids], "continuation": [ids]}, the continuation
+    optional unless `with_continuation`; InputError naming the first sample that is not of that form."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"the number of prompts must be an int >= 1, got {count!r}")
+    try:
+        samples = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(samples, list):
+        raise InputError(f"{path} must hold a JSON list of {_SAMPLE_FORM}, got a {type(samples).__name__}")
     if not samples:
-        raise ValueError(f"{path} holds no prompts")
-    return samples[:count]
+        raise InputError(f"{path} holds no prompts")
+    samples = samples[:count]
+    for i, sample in enumerate(samples):
+        good = isinstance(sample, dict) and _is_ids(sample.get("prompt")) and (
+            _is_ids(sample["continuation"]) if "continuation" in sample else not with_continuation)
+        if not good:
+            form = _SAMPLE_FORM.replace(" (optional)", "") if with_continuation else _SAMPLE_FORM
+            raise InputError(f"sample {i} of {path} is not of the form {form}: {str(sample)[:80]}")
+    return samples
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-aligned",
@@ -38,7 +59,8 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     """Runs every system at batch 1 on the held-out prompts, prints the table and a coloured sample, and
     returns the table rows."""
     console = console or Console(width=max(Console().width, 120))  # the table needs ~110 columns
-    samples = load_demo_prompts(prompts_file, num_prompts)
+    samples = load_demo_prompts(prompts_file, num_prompts, with_continuation=True)
+    exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)  # settings checked before the models load
     tokenizer = load_tokenizer(large)
     models = {"large": load_model(large), "small": load_model(small)}
     if aligned:
@@ -46,7 +68,6 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     prompts = [s["prompt"] for s in samples]
     references = [tokenizer.decode(s["continuation"]) for s in samples]
     configs = {"small": _profile_config(small, max_new_tokens)}
-    exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
     best_small = models.get("aligned", models["small"])
     systems = [
         ("large", lambda p: greedy_generate(models["large"], p, max_new_tokens)),

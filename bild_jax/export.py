@@ -8,6 +8,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import traverse_util
 
+from bild_jax.errors import InputError
 from bild_jax.hub import read_config, read_safetensors, resolve_model_dir
 from bild_jax.model import Model, param_shapes
 from bild_jax.weights import flax_target
@@ -28,11 +29,11 @@ def save_like(model: Model, source: str | Path, out_dir: str | Path) -> Path:
     source_dir = resolve_model_dir(source)
     out_dir = Path(out_dir)
     if out_dir.resolve() == source_dir.resolve():
-        raise ValueError(f"will not overwrite the source checkpoint {source_dir}; pick another output directory")
+        raise InputError(f"will not overwrite the source checkpoint {source_dir}; pick another output directory")
     family = model.family
     config = family.config_class.from_hf(read_config(source_dir))
     if config != model.config:
-        raise ValueError(f"{source_dir} describes another architecture than the model to save")
+        raise InputError(f"{source_dir} describes another architecture than the model to save")
     shapes = param_shapes(family, config)
     params = traverse_util.flatten_dict(model.params)
     tensors = {}

@@ -14,6 +14,8 @@ import optax
 import orbax.checkpoint as ocp
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from bild_jax.errors import InputError
+
 LOG_EVERY = 10  # steps between loss readings (each one waits for the device)
 
 
@@ -28,7 +30,7 @@ def batch_indices(count: int, step: int, batch_size: int, seed: int = 0) -> np.n
     """[batch_size] int indices into `count` examples for a training step: one seeded permutation per epoch,
     so that the batch of a step is fixed and a resumed run repeats no data."""
     if count < batch_size:
-        raise ValueError(f"{count} training examples are fewer than one batch of {batch_size}")
+        raise InputError(f"{count} training examples are fewer than one batch of {batch_size}")
     epoch, index = divmod(step, count // batch_size)
     order = np.random.default_rng(seed + epoch).permutation(count)
     return order[index * batch_size:(index + 1) * batch_size]

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from bild_jax.errors import InputError
+from bild_jax.memory import check_generate_fits
 from bild_jax.model import Model, for_decode_loop
 from bild_jax.prompts import (check_positions, decoder_capacity, eos_array, is_eos, prefill,
                               prepare_prompts)
@@ -106,6 +108,7 @@ def greedy_generate(model: Model, input_ids, max_new_tokens: int, attention_mask
     Returns tokens [B, max_new_tokens] int32 and lengths [B] int32.
     """
     (model,), prompts, prompt_lengths = prepare_inputs((model,), input_ids, max_new_tokens, attention_mask, mesh)
+    check_generate_fits(model, prompts, int(max_new_tokens))
     return _greedy_decode_jit(model, prompts, prompt_lengths,
                               eos_array(model, eos_token_id), max_new_tokens=int(max_new_tokens),
                               pad_token_id=output_pad_id(model))
@@ -125,6 +128,7 @@ def sample_generate(model: Model, input_ids, max_new_tokens: int, rng: jax.Array
     params = SamplingParams.create(temperature, top_k, top_p)
     check_rng(rng, temperature)
     (model,), prompts, prompt_lengths = prepare_inputs((model,), input_ids, max_new_tokens, attention_mask, mesh)
+    check_generate_fits(model, prompts, int(max_new_tokens))
     keys = row_keys(rng, len(prompts))
     return sample_decode_jit(model, prompts, prompt_lengths, eos_array(model, eos_token_id), params, keys,
                               max_new_tokens=int(max_new_tokens), pad_token_id=output_pad_id(model))
@@ -135,7 +139,7 @@ def prepare_inputs(models: Sequence[Model], input_ids, max_new_tokens: int, atte
     """Checked input of every generate entry point: (models, prompts [B, T] int32, prompt_lengths [B] int32),
     placed on the mesh. The first model lays out the batch; every model must fit prompt + new tokens."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     prompts, prompt_lengths = prepare_prompts(input_ids, attention_mask, models[0].vocab_size)
     for model in models:
         check_positions(model, int(prompt_lengths.max()), int(max_new_tokens))

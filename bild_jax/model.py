@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import struct, traverse_util
 
 from bild_jax.cache import KVBlock
+from bild_jax.errors import InputError
 from bild_jax.models import ModelFamily, family_for
 
 
@@ -50,7 +51,7 @@ class Model:
         """The model with its logits cut to the first `size` rows of its vocabulary (an int in
         [1, config.vocab_size]): the padding rows past `size` can then never win, in any decoding mode."""
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.config.vocab_size:
-            raise ValueError(f"vocabulary size must be an int in [1, {self.config.vocab_size}] (the "
+            raise InputError(f"vocabulary size must be an int in [1, {self.config.vocab_size}] (the "
                              f"{self.config.model_type} model's rows), got {size!r}")
         return self.replace(shared_vocab_size=None if size == self.config.vocab_size else size)
 
@@ -119,13 +120,13 @@ def forward_logits(model: Model, input_ids, decoder_input_ids=None, attention_ma
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+        raise InputError(f"input_ids must be [B, T], got shape {input_ids.shape}")
     if model.is_encoder_decoder:
         if decoder_input_ids is None:
-            raise ValueError(f"{model.config.model_type} is an encoder-decoder model: pass decoder_input_ids")
+            raise InputError(f"{model.config.model_type} is an encoder-decoder model: pass decoder_input_ids")
         decoder_input_ids = jnp.asarray(decoder_input_ids, jnp.int32)
     elif decoder_input_ids is not None:
-        raise ValueError(f"{model.config.model_type} is decoder-only: decoder_input_ids must be None")
+        raise InputError(f"{model.config.model_type} is decoder-only: decoder_input_ids must be None")
     if attention_mask is not None:
         attention_mask = jnp.asarray(attention_mask, bool)
     return _forward(model, input_ids, decoder_input_ids, attention_mask)

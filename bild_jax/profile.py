@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bild_jax.errors import InputError
+
 PROFILE_FILE = "bild_pair.json"
 FORMAT = "bild-jax pair profile 1"
 
@@ -58,16 +60,16 @@ def read_profile(path: str | Path) -> PairProfile:
     try:
         fields = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a valid pair profile: not JSON ({error})") from None
+        raise InputError(f"{path} is not a valid pair profile: not JSON ({error})") from None
     problem = _problem(fields)
     if problem:
-        raise ValueError(f"{path} is not a valid pair profile: {problem}")
+        raise InputError(f"{path} is not a valid pair profile: {problem}")
     fields.pop("format")
     profile = PairProfile(**fields)
     try:
         profile.config()
     except ValueError as error:
-        raise ValueError(f"{path} is not a valid pair profile: {error}") from None
+        raise InputError(f"{path} is not a valid pair profile: {error}") from None
     return profile
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bild_jax.errors import InputError
+
 TEXT_FIELDS = ("text", "prompt", "content", "input", "document")  # tried in order when no field is named
 
 
@@ -24,14 +26,14 @@ def read_texts(source: str | Path, text_field: str | None = None, split: str = "
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as error:
-                        raise ValueError(f"{path} line {number} is not JSON: {error}") from None
+                        raise InputError(f"{path} line {number} is not JSON: {error}") from None
             texts = _column(records, text_field, str(path))
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             texts = _column(pq.read_table(path).to_pylist(), text_field, str(path))
         else:
-            raise ValueError(f"{path}: unknown data format {path.suffix!r}; use .txt, .jsonl, .parquet or a "
+            raise InputError(f"{path}: unknown data format {path.suffix!r}; use .txt, .jsonl, .parquet or a "
                              f"datasets id")
     elif path.exists() or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"no data file at {source}")
@@ -39,7 +41,7 @@ def read_texts(source: str | Path, text_field: str | None = None, split: str = "
         texts = _column(_load_dataset(str(source), split), text_field, str(source))
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise ValueError(f"{source} holds no text")
+        raise InputError(f"{source} holds no text")
     return texts
 
 
@@ -58,14 +60,14 @@ def _column(records, text_field: str | None, where: str) -> list[str]:
     """One string per record: `text_field`, or the first of TEXT_FIELDS the records hold."""
     records = list(records)
     if not records:
-        raise ValueError(f"{where} holds no records")
+        raise InputError(f"{where} holds no records")
     keys = list(records[0]) if isinstance(records[0], dict) else []
     field = text_field or next((f for f in TEXT_FIELDS if f in keys), None)
     if field is None or field not in keys:
         wanted = repr(text_field) if text_field else f"one of {', '.join(TEXT_FIELDS)}"
-        raise ValueError(f"{where} has no field {wanted}; its fields: {', '.join(map(str, keys)) or 'none'}")
+        raise InputError(f"{where} has no field {wanted}; its fields: {', '.join(map(str, keys)) or 'none'}")
     if not all(isinstance(r.get(field), str) for r in records):
-        raise ValueError(f"{where}: field {field!r} is not text in every record")
+        raise InputError(f"{where}: field {field!r} is not text in every record")
     return [r[field] for r in records]
 
 
@@ -74,7 +76,7 @@ def prompt_windows(tokenizer, texts: list[str], prompt_tokens: int, count: int, 
     windows: each text is cut into consecutive windows of `prompt_tokens` tokens (a text shorter than that is
     one prompt as it is; a longer text's partial last window is dropped)."""
     if prompt_tokens < 1 or count < 1:
-        raise ValueError(f"prompt_tokens and count must be >= 1, got {prompt_tokens} and {count}")
+        raise InputError(f"prompt_tokens and count must be >= 1, got {prompt_tokens} and {count}")
     windows = []
     for ids in tokenizer(texts)["input_ids"]:
         if len(ids) <= prompt_tokens:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bild_jax.errors import InputError
 from bild_jax.model import Model
 from bild_jax.rows import take_at
 
@@ -29,10 +30,10 @@ def prepare_prompts(input_ids, attention_mask=None, vocab_size: int | None = Non
     """
     rows = _rows(input_ids, attention_mask)
     if not rows:
-        raise ValueError("input_ids holds no prompts (batch of size 0)")
+        raise InputError("input_ids holds no prompts (batch of size 0)")
     empty = [i for i, row in enumerate(rows) if len(row) == 0]
     if empty:
-        raise ValueError(f"empty prompt in row(s) {empty}: every prompt needs at least one token")
+        raise InputError(f"empty prompt in row(s) {empty}: every prompt needs at least one token")
     lengths = np.array([len(row) for row in rows], np.int32)
     width = bucket_length(int(lengths.max()))
     ids = np.zeros((len(rows), width), np.int32)
@@ -41,28 +42,44 @@ def prepare_prompts(input_ids, attention_mask=None, vocab_size: int | None = Non
     if vocab_size is not None:
         bad = [int(t) for row in rows for t in row if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"token ids {sorted(set(bad))[:10]} are outside the vocabulary [0, {vocab_size})")
+            raise InputError(f"token ids {sorted(set(bad))[:10]} are outside the vocabulary [0, {vocab_size})")
     return ids, lengths
 
 
 def _rows(input_ids, attention_mask) -> list[np.ndarray]:
     if isinstance(input_ids, (list, tuple)) and (not input_ids or not np.isscalar(input_ids[0])):
         if attention_mask is not None:
-            raise ValueError("attention_mask is only for padded [B, T] arrays; ragged lists need none")
-        return [np.asarray(row, np.int64).reshape(-1) for row in input_ids]
+            raise InputError("attention_mask is only for padded [B, T] arrays; ragged lists need none")
+        return [_integer_row(row, i) for i, row in enumerate(input_ids)]
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None, :]
     if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, T] or a list of token lists, got shape {ids.shape}")
+        raise InputError(f"input_ids must be [B, T] or a list of token lists, got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+        raise InputError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     if attention_mask is None:
         return list(ids)
     mask = np.asarray(attention_mask).astype(bool)
     if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+        raise InputError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
     return [row[m] for row, m in zip(ids, mask)]
+
+
+def _integer_row(row, index: int) -> np.ndarray:
+    """One ragged prompt as [T] int64; an error for anything but integers (np.asarray(row, np.int64) would
+    truncate 3.7 to 3 and parse "12" as 12)."""
+    try:
+        values = np.asarray(row)
+    except (ValueError, TypeError):  # nested lists of different lengths
+        values = np.asarray(None)
+    if values.size == 0:
+        return values.astype(np.int64).reshape(-1)
+    # numpy turns [True, 1] into integers; a bool is never a token id.
+    bools = isinstance(row, (list, tuple)) and any(isinstance(t, (bool, np.bool_)) for t in row)
+    if bools or values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
+        raise InputError(f"prompt {index} must hold integer token ids, got {str(row)[:60]} ({values.dtype})")
+    return values.astype(np.int64).reshape(-1)
 
 
 def eos_array(model: Model, eos_token_id: int | Sequence[int] | None) -> jax.Array:
@@ -70,11 +87,14 @@ def eos_array(model: Model, eos_token_id: int | Sequence[int] | None) -> jax.Arr
     None. A fixed width keeps one compiled program for any set of EOS ids."""
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
-    eos = np.atleast_1d(np.asarray(eos_token_id, np.int64)).reshape(-1)
+    eos = np.atleast_1d(np.asarray(eos_token_id)).reshape(-1)
+    if eos.size and (eos.dtype == bool or not np.issubdtype(eos.dtype, np.integer)):
+        raise InputError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    eos = eos.astype(np.int64)
     if eos.size > MAX_EOS_IDS:
-        raise ValueError(f"at most {MAX_EOS_IDS} eos_token_id values are supported, got {eos.size}")
+        raise InputError(f"at most {MAX_EOS_IDS} eos_token_id values are supported, got {eos.size}")
     if eos.size and not ((eos >= 0) & (eos < model.vocab_size)).all():
-        raise ValueError(f"eos_token_id {eos.tolist()} outside the vocabulary [0, {model.vocab_size})")
+        raise InputError(f"eos_token_id {eos.tolist()} outside the vocabulary [0, {model.vocab_size})")
     return jnp.asarray(np.pad(eos, (0, MAX_EOS_IDS - eos.size), constant_values=-1), jnp.int32)
 
 
@@ -91,14 +111,14 @@ def check_positions(model: Model, longest_prompt: int, max_new_tokens: int) -> N
         return
     if model.is_encoder_decoder:
         if longest_prompt > limit:
-            raise ValueError(f"a prompt of {longest_prompt} tokens exceeds the {model.config.model_type} model's "
+            raise InputError(f"a prompt of {longest_prompt} tokens exceeds the {model.config.model_type} model's "
                              f"{limit} encoder positions")
         if max_new_tokens > limit:
-            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the {model.config.model_type} model's "
+            raise InputError(f"max_new_tokens={max_new_tokens} exceeds the {model.config.model_type} model's "
                              f"{limit} decoder positions")
         return
     if longest_prompt + max_new_tokens > limit:
-        raise ValueError(f"a prompt of {longest_prompt} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+        raise InputError(f"a prompt of {longest_prompt} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"{model.config.model_type} model's {limit} positions")
 
 

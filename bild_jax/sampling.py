@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from bild_jax.errors import InputError
 from bild_jax.reductions import argmax
 
 # Streams: what a draw is for. Distinct streams keep the draws at one position independent, which exact
@@ -24,23 +25,24 @@ from bild_jax.reductions import argmax
 TOKEN = 0   # a model's own next token: sample_generate's tokens; every token BiLD's large model writes
 DRAFT = 1   # the small model's draft
 ACCEPT = 2  # the uniform of the speculative acceptance test
+MAX_INT32 = 2 ** 31 - 1  # top_k is a traced int32
 
 
 def check_sampling(temperature, top_k, top_p) -> None:
     """Clear errors for sampling settings out of range."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k), got {top_k!r}")
+        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= MAX_INT32:
+        raise InputError(f"top_k must be an int >= 0 (0 = no top-k) and at most {MAX_INT32}, got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = no top-p), got {top_p!r}")
+        raise InputError(f"top_p must be in (0, 1] (1 = no top-p), got {top_p!r}")
 
 
 def check_rng(rng, temperature: float) -> None:
     """A clear error when sampling (temperature > 0) is asked for without a PRNG key."""
     if temperature > 0 and rng is None:
-        raise ValueError("sampling (temperature > 0) needs a PRNG key: pass rng=jax.random.key(seed)")
+        raise InputError("sampling (temperature > 0) needs a PRNG key: pass rng=jax.random.key(seed)")
 
 
 @struct.dataclass
@@ -130,12 +132,12 @@ def row_keys(rng: jax.Array | None, batch: int) -> jax.Array:
     elif dtype == jnp.uint32:
         keys = jax.random.wrap_key_data(rng)
     else:
-        raise ValueError(f"rng must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)) or one key "
+        raise InputError(f"rng must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)) or one key "
                          f"per row, got {type(rng).__name__} {rng!r}")
     if keys.ndim == 0:
         return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(keys, jnp.arange(batch, dtype=jnp.uint32))
     if keys.shape != (batch,):
-        raise ValueError(f"rng holds keys of shape {keys.shape} for a batch of {batch}: pass one key, or one "
+        raise InputError(f"rng holds keys of shape {keys.shape} for a batch of {batch}: pass one key, or one "
                          f"key per row")
     return keys
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import jax
 
+from bild_jax.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchSchedule:
@@ -35,12 +37,12 @@ class BatchSchedule:
         for name, low in (("draft_limit", 1), ("max_wait", 0)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"schedule {name} must be None or an int >= {low}, got {value!r}")
+                raise InputError(f"schedule {name} must be None or an int >= {low}, got {value!r}")
         if isinstance(self.wait_fraction, bool) or not isinstance(self.wait_fraction, (int, float)) \
                 or not 0.0 <= float(self.wait_fraction) <= 1.0:
-            raise ValueError(f"schedule wait_fraction must be in [0, 1], got {self.wait_fraction!r}")
+            raise InputError(f"schedule wait_fraction must be in [0, 1], got {self.wait_fraction!r}")
         if not isinstance(self.large_only, bool):
-            raise ValueError(f"schedule large_only must be a bool, got {self.large_only!r}")
+            raise InputError(f"schedule large_only must be a bool, got {self.large_only!r}")
 
     def describe(self) -> str:
         """One line for the CLI and benchmark reports."""
@@ -62,7 +64,7 @@ class ScheduleTable:
     def __post_init__(self):
         sizes = [size for size, _ in self.entries]
         if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1:
-            raise ValueError(f"a schedule table needs increasing batch sizes >= 1, got {sizes}")
+            raise InputError(f"a schedule table needs increasing batch sizes >= 1, got {sizes}")
 
     def for_batch(self, batch_size: int) -> BatchSchedule:
         chosen = self.entries[0][1]
@@ -83,7 +85,7 @@ class ScheduleTable:
                             for e in data["entries"])
             return cls(entries=entries, measured_on=str(data.get("measured_on", "")))
         except (KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"not a schedule table ({type(error).__name__}: {error})") from None
+            raise InputError(f"not a schedule table ({type(error).__name__}: {error})") from None
 
     def save(self, path: str | Path) -> None:
         """Writes the table as JSON."""
@@ -95,9 +97,9 @@ class ScheduleTable:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError:
-            raise ValueError(f"no schedule table at {path}") from None
+            raise InputError(f"no schedule table at {path}") from None
         except (json.JSONDecodeError, ValueError) as error:
-            raise ValueError(f"{path} is not a schedule table written by `bild-jax bench --save-schedule` "
+            raise InputError(f"{path} is not a schedule table written by `bild-jax bench --save-schedule` "
                              f"({error})") from None
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from bild_jax.errors import InputError
 from bild_jax.model import Model
 
 
@@ -64,11 +65,11 @@ def make_mesh(spec: Mesh | Mapping[str, int], devices: Sequence[jax.Device] | No
     bad = {name: size for name, size in spec.items()
            if not isinstance(name, str) or isinstance(size, bool) or not isinstance(size, int) or size < 1}
     if bad:
-        raise ValueError(f"mesh axes need str names and int sizes >= 1, got {bad}")
+        raise InputError(f"mesh axes need str names and int sizes >= 1, got {bad}")
     devices = list(jax.devices() if devices is None else devices)
     needed = math.prod(spec.values())
     if needed != len(devices):
-        raise ValueError(f"mesh {dict(spec)} needs {needed} devices but {len(devices)} are given "
+        raise InputError(f"mesh {dict(spec)} needs {needed} devices but {len(devices)} are given "
                          f"({devices[0].platform}); the axis sizes must multiply to the device count")
     return jax.make_mesh(tuple(spec.values()), tuple(spec), axis_types=(AxisType.Auto,) * len(spec),
                          devices=devices)
@@ -88,7 +89,7 @@ def _split_axis(mesh: Mesh, axis: str | None, count: int, what: str, strict: boo
         return axis
     message = f"mesh axis {axis!r} of size {size} does not divide the {count} {what}"
     if strict:
-        raise ValueError(f"{message}; use a mesh whose {axis!r} axis divides {count}, or strict=False to "
+        raise InputError(f"{message}; use a mesh whose {axis!r} axis divides {count}, or strict=False to "
                          "replicate them over that axis")
     warnings.warn(f"{message}: they are replicated over {axis!r} instead")
     return None
@@ -176,11 +177,11 @@ def distribute(mesh: Mesh | Mapping[str, int] | None, models: Sequence[Model],
         if not meshes:
             return tuple(models), tuple(jnp.asarray(x) for x in batch)
         if len(meshes) > 1:
-            raise ValueError("the models are sharded over different meshes; shard them over one")
+            raise InputError("the models are sharded over different meshes; shard them over one")
         mesh = meshes.pop()
     mesh = make_mesh(mesh)
     if meshes - {mesh}:
-        raise ValueError("a model is already sharded over another mesh than the one given; pass mesh=None "
+        raise InputError("a model is already sharded over another mesh than the one given; pass mesh=None "
                          "to use the model's, or shard it again with shard_params")
     models = tuple(model if model.sharding is not None else shard_params(model, mesh) for model in models)
     layout = models[0].sharding

@@ -11,7 +11,9 @@ from typing import Sequence
 from rich.console import Console
 from rich.progress import Progress
 
+from bild_jax.atomic import atomic_path
 from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.errors import InputError
 from bild_jax.evaluation import run_systems, summarize
 from bild_jax.generate import greedy_generate
 
@@ -22,6 +24,17 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     """Rows that no other row beats on both speedup and ROUGE-L."""
     return [r for r in rows if not any(o["speedup"] >= r["speedup"] and o["rouge_l"] >= r["rouge_l"]
                                        and (o["speedup"], o["rouge_l"]) != (r["speedup"], r["rouge_l"]) for o in rows)]
+
+
+def grid_configs(fallbacks, rollbacks, max_new_tokens: int, max_draft: int | Sequence[int]) -> list[BiLDConfig]:
+    """The checked BiLD config of every (fallback, rollback, max_draft) point, fallback-major; InputError for
+    an empty grid or a bad setting, before any model runs."""
+    max_drafts = [max_draft] if isinstance(max_draft, int) else list(max_draft)
+    if not fallbacks or not rollbacks or not max_drafts:
+        raise InputError(f"the grid is empty: fallbacks {list(fallbacks)}, rollbacks {list(rollbacks)}, "
+                         f"max_drafts {max_drafts}")
+    return [BiLDConfig(fallback_threshold=f, rollback_threshold=r, max_draft=d, max_new_tokens=max_new_tokens)
+            for f, r, d in itertools.product(fallbacks, rollbacks, max_drafts)]
 
 
 def run_sweep(small, large, prompts: list[list[int]], references: list[str] | None, decode, fallbacks, rollbacks,
@@ -35,13 +48,11 @@ def run_sweep(small, large, prompts: list[list[int]], references: list[str] | No
     `SystemRun`, then one per row), "references" (the texts ROUGE-L was measured against)}.
     """
     console = console or Console()
-    max_drafts = [max_draft] if isinstance(max_draft, int) else list(max_draft)
-    grid = list(itertools.product(fallbacks, rollbacks, max_drafts))
+    configs = grid_configs(fallbacks, rollbacks, max_new_tokens, max_draft)
+    if not prompts:
+        raise InputError("the sweep needs at least one prompt")
     systems = [("large", lambda p: greedy_generate(large, p, max_new_tokens))]
-    for fallback, rollback, draft in grid:
-        config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=draft,
-                            max_new_tokens=max_new_tokens)
-        systems.append(("BiLD", lambda p, c=config: bild_generate(small, large, p, c)))
+    systems += [("BiLD", lambda p, c=config: bild_generate(small, large, p, c)) for config in configs]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{len(systems)} systems on {len(prompts)} prompts",
                                  total=len(systems) * (len(prompts) + 1))
@@ -49,17 +60,20 @@ def run_sweep(small, large, prompts: list[list[int]], references: list[str] | No
     baseline, *bild_runs = runs
     references = references or [decode(o) for o in baseline.outputs]
     base_row = summarize(baseline, baseline, references, decode)
-    rows = [{"fallback": f, "rollback": r, "max_draft": d, **summarize(run, baseline, references, decode)}
-            for (f, r, d), run in zip(grid, bild_runs)]
+    rows = [{"fallback": c.fallback_threshold, "rollback": c.rollback_threshold, "max_draft": c.max_draft,
+             **summarize(run, baseline, references, decode)} for c, run in zip(configs, bild_runs)]
     eligible = [r for r in rows if r["rouge_l"] >= base_row["rouge_l"] - max_rouge_loss]
     recommended = max(eligible, key=lambda r: r["speedup"]) if eligible else None
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "sweep.csv", out_dir / "sweep.png"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    _plot(rows, base_row, recommended, png_path, max_rouge_loss)
+    # Both files are written in full before either replaces its previous version: an interrupted sweep
+    # leaves the previous pair.
+    with atomic_path(csv_path) as csv_partial, atomic_path(png_path) as png_partial:
+        with csv_partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        _plot(rows, base_row, recommended, png_partial, max_rouge_loss)
     return {"rows": rows, "baseline": base_row, "recommended": recommended, "csv": csv_path, "png": png_path,
             "runs": runs, "references": references}
 

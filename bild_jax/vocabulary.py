@@ -8,6 +8,7 @@ Whether the extra rows are padding only the tokenizers can tell: the models know
 
 from __future__ import annotations
 
+from bild_jax.errors import InputError
 from bild_jax.model import Model
 
 
@@ -37,12 +38,12 @@ def shared_vocabulary(small: Model, large: Model, small_tokenizer, large_tokeniz
     """
     mismatch = vocabulary_mismatch(small_tokenizer, large_tokenizer)
     if mismatch is not None:
-        raise ValueError(f"the small and large tokenizers differ in real tokens ({mismatch}); BiLD needs one "
+        raise InputError(f"the small and large tokenizers differ in real tokens ({mismatch}); BiLD needs one "
                          "shared vocabulary")
     shared = min(small.vocab_size, large.vocab_size)
     highest = max(small_tokenizer.get_vocab().values())
     if highest >= shared:
-        raise ValueError(f"the tokenizer has token id {highest}, past the {shared} rows of the "
+        raise InputError(f"the tokenizer has token id {highest}, past the {shared} rows of the "
                          f"{'small' if small.vocab_size == shared else 'large'} model: the vocabularies differ in "
                          "real tokens, not only in padding")
     return small.with_vocab_size(shared), large.with_vocab_size(shared)

@@ -7,6 +7,8 @@ from typing import Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from bild_jax.errors import InputError
+
 # Where an HF `weight` may land in a Flax tree: a linear layer's kernel (HF stores it [out, in]), an
 # embedding table, or a norm's scale.
 _WEIGHT_LEAVES = ("kernel", "embedding", "weight", "scale")
@@ -23,7 +25,7 @@ def hf_name_to_flax_path(name: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """The checkpoint's tensors do not fit the model its config describes."""
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+from bild_jax.errors import InputError
 from bild_jax.models.family import ModelFamily
 
 _FAMILY_MODULES = (
@@ -25,5 +26,5 @@ assert len(FAMILIES) == sum(len(family.model_types) for family in _FAMILIES), "a
 def family_for(model_type: str) -> ModelFamily:
     """The family of an HF `model_type`; a clear error listing the supported ones otherwise."""
     if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+        raise InputError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]

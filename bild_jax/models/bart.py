@@ -27,8 +27,10 @@ from bild_jax.cache import KVBlock, KVCache
 from bild_jax.models.encoder_decoder import (EncoderDecoderCache, empty_cache, encode_into_cache, encoder_mask,
                                              key_mask)
 from bild_jax.models.family import ModelFamily
+from bild_jax.errors import Unsupported
+from bild_jax.models.hf_config import check_divides, config_int, token_ids
 from bild_jax.models.layers import (activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    head_major, kv_block, token_ids)
+                                    head_major, kv_block)
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("bart", "marian")
@@ -73,16 +75,17 @@ class BartConfig:
         """Reads an HF BART or Marian config dict; a clear error for options this implementation lacks."""
         model_type = hf["model_type"]
         marian = model_type == "marian"
-        d_model = hf["d_model"]
+        d_model = config_int(hf, "d_model")
+        sizes = {key: config_int(hf, key) for key in (
+            "vocab_size", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+            "encoder_ffn_dim", "decoder_ffn_dim")}
         for side in ("encoder", "decoder"):
-            heads = hf[f"{side}_attention_heads"]
-            if d_model % heads:
-                raise ValueError(f"d_model ({d_model}) must be divisible by {side}_attention_heads ({heads})")
+            check_divides(f"{side}_attention_heads", sizes[f"{side}_attention_heads"], "d_model", d_model)
         share = bool(hf.get("share_encoder_decoder_embeddings", True)) if marian else True
-        decoder_vocab = hf.get("decoder_vocab_size") or hf["vocab_size"]
-        if decoder_vocab != hf["vocab_size"]:
-            raise NotImplementedError(
-                f"separate source and target vocabularies (vocab_size {hf['vocab_size']}, decoder_vocab_size "
+        decoder_vocab = config_int(hf, "decoder_vocab_size", sizes["vocab_size"])
+        if decoder_vocab != sizes["vocab_size"]:
+            raise Unsupported(
+                f"separate source and target vocabularies (vocab_size {sizes['vocab_size']}, decoder_vocab_size "
                 f"{decoder_vocab}) are not supported: bild-jax decodes over one vocabulary")
         act = hf.get("activation_function", "gelu")  # opus-mt checkpoints name "swish"
         activation(act)  # an unsupported activation fails here, at load time
@@ -93,22 +96,16 @@ class BartConfig:
             decoder_start = pad_token_id if marian else 2
         return cls(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
             d_model=d_model,
-            encoder_layers=hf["encoder_layers"],
-            decoder_layers=hf["decoder_layers"],
-            encoder_attention_heads=hf["encoder_attention_heads"],
-            decoder_attention_heads=hf["decoder_attention_heads"],
-            encoder_ffn_dim=hf["encoder_ffn_dim"],
-            decoder_ffn_dim=hf["decoder_ffn_dim"],
-            max_positions=hf.get("max_position_embeddings", 1024),
+            **sizes,
+            max_positions=config_int(hf, "max_position_embeddings", 1024),
             activation_function=act,
             scale_embedding=bool(hf.get("scale_embedding", False)),
             learned_positions=not marian,
             layernorm_embedding=not marian,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
             share_encoder_decoder_embeddings=share,
-            eos_token_id=token_ids(hf.get("eos_token_id", 0 if marian else 2)),
+            eos_token_id=token_ids(hf, "eos_token_id", 0 if marian else 2),
             pad_token_id=pad_token_id,
             decoder_start_token_id=int(decoder_start),
         )

@@ -9,9 +9,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bild_jax.cache import KVCache
+from bild_jax.errors import Unsupported
 from bild_jax.models.family import ModelFamily
+from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
 from bild_jax.models.layers import (activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    kv_block, token_ids)
+                                    kv_block)
 from bild_jax.weights import hf_name_to_flax_path
 
 # Non-parameter buffers that old GPT-2 checkpoints (the hub `gpt2` one included) still carry.
@@ -42,32 +44,36 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def num_heads(self) -> int:
+        """Query heads, under the name the other families use (`bild_jax.memory` reads it)."""
+        return self.n_head
+
     @classmethod
     def from_hf(cls, hf: dict) -> "GPT2Config":
         """Reads an HF GPT-2 config dict; a clear error for options this implementation lacks."""
         if hf.get("add_cross_attention", False):
-            raise NotImplementedError("GPT-2 with add_cross_attention=True (cross-attention layers) is not supported")
+            raise Unsupported("GPT-2 with add_cross_attention=True (cross-attention layers) is not supported")
         # `reorder_and_upcast_attn` only moves the scaling into a float32 matmul; `attention` already computes
         # scores and softmax in float32, so the option needs nothing here.
-        n_embd, n_head = hf["n_embd"], hf["n_head"]
-        if n_embd % n_head:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        n_embd, n_head = config_int(hf, "n_embd"), config_int(hf, "n_head")
+        check_divides("n_head", n_head, "n_embd", n_embd)
         act = hf.get("activation_function", "gelu_new")
         activation(act)  # an unsupported activation fails here, at load time
         return cls(
             model_type=hf["model_type"],
-            vocab_size=hf["vocab_size"],
+            vocab_size=config_int(hf, "vocab_size"),
             n_embd=n_embd,
-            n_layer=hf["n_layer"],
+            n_layer=config_int(hf, "n_layer"),
             n_head=n_head,
-            n_inner=hf.get("n_inner") or 4 * n_embd,
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            n_inner=config_int(hf, "n_inner", 4 * n_embd),
+            layer_norm_epsilon=config_float(hf, "layer_norm_epsilon", 1e-5),
             activation_function=act,
-            max_positions=hf.get("n_positions", 1024),
+            max_positions=config_int(hf, "n_positions", 1024),
             scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
             scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            eos_token_id=token_ids(hf.get("eos_token_id")),
+            eos_token_id=token_ids(hf, "eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
 

@@ -11,6 +11,7 @@ import numpy as np
 from jax import lax
 
 from bild_jax.cache import KVBlock, KVCache, attended_positions
+from bild_jax.errors import Unsupported
 
 
 class RMSNorm(nn.Module):
@@ -51,15 +52,8 @@ ACTIVATIONS = {
 def activation(name: str):
     """The activation function for an HF `hidden_act` name; a clear error for others."""
     if name not in ACTIVATIONS:
-        raise NotImplementedError(f"activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+        raise Unsupported(f"activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
     return ACTIVATIONS[name]
-
-
-def token_ids(value) -> tuple:
-    """An HF config's token-id field (None, an int or a list, e.g. `eos_token_id`) as a tuple of ints."""
-    if value is None:
-        return ()
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

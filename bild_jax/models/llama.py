@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bild_jax.cache import KVCache
+from bild_jax.errors import Unsupported
 from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    kv_block, sliding_window_mask, softcap, token_ids)
+                                    kv_block, sliding_window_mask, softcap)
 from bild_jax.models.family import ModelFamily
+from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
@@ -72,34 +74,41 @@ class LlamaConfig:
         local_rope_theta = None
         if model_type == "gemma3_text":
             if hf.get("use_bidirectional_attention"):
-                raise NotImplementedError("bidirectional Gemma 3 (an embedding model) is not a decoder")
+                raise Unsupported("bidirectional Gemma 3 (an embedding model) is not a decoder")
             if "full_attention" in rope:  # v5 form: one set of parameters per layer type
                 local = dict(rope.get("sliding_attention") or {})
                 rope = dict(rope["full_attention"])
             else:
                 local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
             if local.get("rope_type", "default") != "default":
-                raise NotImplementedError(f"rope type {local['rope_type']!r} on Gemma 3's sliding layers is not "
+                raise Unsupported(f"rope type {local['rope_type']!r} on Gemma 3's sliding layers is not "
                                           "supported (supported: default)")
             local_rope_theta = float(local.get("rope_theta", 10000.0))
             rope.setdefault("rope_theta", hf.get("rope_theta", 1000000.0))
         rope.update(hf.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_theta = config_float({"rope_theta": rope.pop("rope_theta", hf.get("rope_theta"))}, "rope_theta", 10000.0)
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope_type in ("su", "longrope"):
-            raise NotImplementedError(
+            raise Unsupported(
                 f"rope type {rope_type!r} (Phi-3 long-context scaling) is not supported: it switches between two "
                 "sets of frequencies by the sequence length, which a fixed-shape cache does not know in advance; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise NotImplementedError(
+            raise Unsupported(
                 f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise NotImplementedError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+            raise Unsupported("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
         rope.pop("partial_rotary_factor", None)
         rope["rope_type"] = rope_type
-        heads = hf["num_attention_heads"]
-        num_layers = hf["num_hidden_layers"]
+        hidden_size = config_int(hf, "hidden_size")
+        heads = config_int(hf, "num_attention_heads")
+        kv_heads = config_int(hf, "num_key_value_heads", heads)
+        check_divides("num_key_value_heads", kv_heads, "num_attention_heads", heads)
+        head_dim = config_int(hf, "head_dim", None)
+        if head_dim is None:
+            check_divides("num_attention_heads", heads, "hidden_size", hidden_size)
+            head_dim = hidden_size // heads
+        num_layers = config_int(hf, "num_hidden_layers")
         sliding_window = hf.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
             sliding_window = None
@@ -113,17 +122,17 @@ class LlamaConfig:
         query_scalar = hf.get("query_pre_attn_scalar") if model_type in ("gemma2", "gemma3_text") else None
         return cls(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
+            vocab_size=config_int(hf, "vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=config_int(hf, "intermediate_size"),
             num_layers=num_layers,
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config_float(hf, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (list, dict)))),
-            max_positions=hf.get("max_position_embeddings", 2048),
+            max_positions=config_int(hf, "max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
@@ -139,7 +148,7 @@ class LlamaConfig:
             sandwich_norms=model_type in ("gemma2", "gemma3_text"),
             gemma_norms=gemma,
             scale_embeddings=gemma,
-            eos_token_id=token_ids(hf.get("eos_token_id")),
+            eos_token_id=token_ids(hf, "eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
 

@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from bild_jax.cache import KVBlock, KVCache
+from bild_jax.errors import InputError
 from bild_jax.models.encoder_decoder import (EncoderDecoderCache, empty_cache, encode_into_cache, encoder_mask,
                                              key_mask)
 from bild_jax.models.family import ModelFamily
+from bild_jax.models.hf_config import config_float, config_int, token_ids
 from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    head_major, kv_block, token_ids)
+                                    head_major, kv_block)
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("t5", "mt5")
@@ -54,7 +56,7 @@ class T5Config:
         feed_forward = hf.get("feed_forward_proj", "gated-gelu" if model_type == "mt5" else "relu")
         parts = feed_forward.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-            raise ValueError(f"feed_forward_proj {feed_forward!r} is not of the form 'gated-ACT' or 'ACT'")
+            raise InputError(f"feed_forward_proj {feed_forward!r} is not of the form 'gated-ACT' or 'ACT'")
         dense_act_fn = "gelu_new" if feed_forward == "gated-gelu" else parts[-1]
         activation(dense_act_fn)  # an unsupported activation fails here, not at the first forward
         tie = hf.get("tie_word_embeddings")
@@ -67,24 +69,24 @@ class T5Config:
             scale = bool(hf.get("scale_decoder_outputs", tie is not False))
         pad_token_id = hf.get("pad_token_id", 0)
         decoder_start = hf.get("decoder_start_token_id")
-        num_layers = hf["num_layers"]
+        num_layers = config_int(hf, "num_layers")
         return cls(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            d_model=hf["d_model"],
-            d_kv=hf["d_kv"],
-            d_ff=hf["d_ff"],
+            vocab_size=config_int(hf, "vocab_size"),
+            d_model=config_int(hf, "d_model"),
+            d_kv=config_int(hf, "d_kv"),
+            d_ff=config_int(hf, "d_ff"),
             num_layers=num_layers,
-            num_decoder_layers=hf.get("num_decoder_layers") or num_layers,
-            num_heads=hf["num_heads"],
-            relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-            relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+            num_decoder_layers=config_int(hf, "num_decoder_layers", num_layers),
+            num_heads=config_int(hf, "num_heads"),
+            relative_attention_num_buckets=config_int(hf, "relative_attention_num_buckets", 32),
+            relative_attention_max_distance=config_int(hf, "relative_attention_max_distance", 128),
+            layer_norm_epsilon=config_float(hf, "layer_norm_epsilon", 1e-6),
             dense_act_fn=dense_act_fn,
             is_gated_act=len(parts) == 2,
             tie_word_embeddings=tie is not False,
             scale_decoder_outputs=scale,
-            eos_token_id=token_ids(hf.get("eos_token_id", 1)),
+            eos_token_id=token_ids(hf, "eos_token_id", 1),
             pad_token_id=pad_token_id,
             decoder_start_token_id=decoder_start if decoder_start is not None else (pad_token_id or 0),
         )
