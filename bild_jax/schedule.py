@@ -103,11 +103,14 @@ class ScheduleTable:
                              f"({error})") from None
 
 
-# Measured with `bild-jax bench --batch-sizes 1,2,4,8,16,32,64 --save-schedule` on the bundled aligned pair,
-# 2-core CPU (see README, "Batched BiLD"). Other backends start from full synchronisation with long drafts,
-# what a memory-bound accelerator favours; measure a table there for the guarantee against large-only.
+# Measured with `bild-jax bench --batch-sizes 1,4,16,64 --num-prompts 32 --save-schedule` on the bundled
+# aligned pair, 2-core CPU (README, "Throughput by batch size"): full synchronisation with long drafts wins at
+# batch 1 (1.98x), one-token drafts at batch 4 (1.05x; 3 tokens 1.02x), and from batch 16 on no candidate
+# beat greedy decoding (best 0.99x at 16, 0.78x at 64), so the large model decodes alone there. Other
+# backends start from full synchronisation with long drafts, what a memory-bound accelerator favours;
+# measure a table there for the guarantee against large-only.
 CPU_SCHEDULES = ScheduleTable(
-    entries=((1, BatchSchedule()), (2, BatchSchedule(draft_limit=3)), (8, BatchSchedule(draft_limit=1))),
+    entries=((1, BatchSchedule()), (4, BatchSchedule(draft_limit=1)), (16, BatchSchedule(large_only=True))),
     measured_on="bundled aligned pair, 2-core AMD EPYC CPU")
 ACCELERATOR_SCHEDULES = ScheduleTable(entries=((1, BatchSchedule()),), measured_on="not measured: defaults")
 
