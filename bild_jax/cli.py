@@ -215,9 +215,10 @@ def _load_pair(args):
     return shared_small, shared_large, large_tok
 
 
-def _generate_config(args) -> bild_jax.BiLDConfig:
-    """The BiLDConfig of `generate`: the flags given, the rest from the small model's pair profile when it has
-    one (said on stderr), else the library defaults."""
+def _generate_config(args) -> tuple[bild_jax.BiLDConfig, str]:
+    """The BiLDConfig of `generate` and where its settings come from (a line for stderr, "" for flags or
+    defaults): the flags given, the rest from the small model's pair profile when it has one, else the
+    library defaults."""
     from bild_jax.profile import find_profile, read_profile
     from bild_jax.schedule import ScheduleTable
 
@@ -230,24 +231,27 @@ def _generate_config(args) -> bild_jax.BiLDConfig:
     bild_jax.BiLDConfig(**given, **settings)  # a bad flag fails before anything is loaded
     path = None if args.no_profile or len(given) == 3 else find_profile(args.small)
     if path is None:
-        return bild_jax.BiLDConfig(**given, **settings)
+        return bild_jax.BiLDConfig(**given, **settings), ""
     profile = read_profile(path)
     config = dataclasses.replace(profile.config(**settings), **given)
     overridden = f"; given on the command line: {', '.join(f'{k} {v:g}' for k, v in given.items())}" if given else ""
-    print(f"bild-jax generate: using the pair profile {path} ({profile.describe()}){overridden}", file=sys.stderr)
-    return config
+    return config, f"bild-jax generate: using the pair profile {path} ({profile.describe()}){overridden}"
 
 
 def run_generate(args) -> None:
     prompts = _read_prompts(args)
-    config = _generate_config(args)
+    config, settings_source = _generate_config(args)
     small, large, tokenizer = _load_pair(args)
     import jax
 
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     rng = jax.random.key(args.seed) if config.temperature > 0 else None  # greedy: the program without a key
     out = bild_jax.bild_generate(small, large, ids, config, rng=rng)
-    print(f"batch of {len(prompts)}: {out.schedule.describe()}", file=sys.stderr)
+    # Said once the output is there, so that an error stays the only line on stderr.
+    if settings_source:
+        print(settings_source, file=sys.stderr)
+    if len(prompts) > 1:  # how the rows shared the large model (batch 1 always runs BiLD)
+        print(f"batch of {len(prompts)}: {out.schedule.describe()}", file=sys.stderr)
     for row, prompt in enumerate(prompts):
         n = int(out.lengths[row])
         tokens = [int(t) for t in out.tokens[row, :n]]

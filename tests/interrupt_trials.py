@@ -22,7 +22,8 @@ import time
 # where Python's own KeyboardInterrupt applies; library: importing JAX and the library, after that.
 MOMENTS = ("importing", "library", "loading", "compiling", "decoding")
 # A length that makes decoding last a few seconds on a CPU, after ~10 s of compiling.
-GENERATE = ["generate", "--prompt", "def main(argv):", "--max-new-tokens", "300", "--max-draft", "4"]
+# --no-profile: the library defaults, so that stderr holds nothing but what an interrupt prints.
+GENERATE = ["generate", "--prompt", "def main(argv):", "--max-new-tokens", "300", "--max-draft", "4", "--no-profile"]
 STATIC = ("max_new_tokens", "max_draft", "pad_token_id")  # _bild_decode_jit's static arguments
 
 

@@ -6,6 +6,7 @@ end replace the compiled BiLD program with a stub that returns zeros of the righ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -42,8 +43,7 @@ def fake_bild_decode(small, large, prompts, prompt_lengths, policy, *, max_new_t
     assert type(max_new_tokens) is int and type(max_draft) is int and type(pad_token_id) is int
     batch = prompts.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
-    stats = bild.BiLDStats(small_calls=zeros, large_calls=zeros, fallbacks=zeros, rollbacks=zeros,
-                           rolled_back_tokens=zeros, small_tokens=zeros, large_tokens=zeros)
+    stats = bild.BiLDStats(**{field.name: zeros for field in dataclasses.fields(bild.BiLDStats)})
     return bild.BiLDOutput(tokens=jnp.zeros((batch, max_new_tokens), jnp.int32), lengths=zeros,
                            from_large=jnp.zeros((batch, max_new_tokens), bool), stats=stats)
 
@@ -351,9 +351,9 @@ def test_a_failed_sweep_keeps_the_previous_csv_and_png(tmp_path, monkeypatch):
     (tmp_path / "sweep.png").write_text("previous png")
 
     def fake_runs(systems, prompts, on_call):
-        return [SystemRun(name, outputs=[[1, 2]], pass_seconds=[1.0]) for name, _ in systems]
+        return [SystemRun(name, outputs=[[1, 2]], batch_seconds=[[1.0]]) for name, _ in systems]
 
-    def failing_plot(rows, baseline, recommended, path):
+    def failing_plot(rows, baseline, recommended, path, max_rouge_loss):
         path.write_text("half a png")
         raise RuntimeError("killed while plotting")
 

@@ -19,6 +19,7 @@ import bild_jax
 from bild_jax import bild, generate, sampling
 from conftest import _perturbed
 from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.schedule import BatchSchedule
 from bild_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 N = 16  # as in test_bild, so that the suite shares compiled programs
@@ -132,7 +133,8 @@ def test_bild_sampling_is_reproducible(bild_pair):
 def test_bild_sampling_batched_run_equals_each_row_alone(bild_pair, exact):
     small, large = bild_pair("llama")
     prompts = _prompts(large.vocab_size)
-    config = dataclasses.replace(SAMPLED, exact=exact)
+    # One schedule at every batch size: the default table picks by batch size, which may change lossy output.
+    config = dataclasses.replace(SAMPLED, exact=exact, schedule=BatchSchedule())
     key = jax.random.key(7)
     batched = bild_generate(small, large, prompts, config, rng=key)
     assert int(np.asarray(batched.stats.rollbacks).sum()) > 0, "the test needs rejected drafts to mean something"

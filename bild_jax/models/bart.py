@@ -66,6 +66,11 @@ class BartConfig:
     is_encoder_decoder = True
 
     @property
+    def num_heads(self) -> int:
+        """The larger side's attention heads: what the memory estimate sizes attention scores by."""
+        return max(self.encoder_attention_heads, self.decoder_attention_heads)
+
+    @property
     def shares_all_embeddings(self) -> bool:
         """One token table for the encoder, the decoder and the LM head (HF's `model.shared`)."""
         return self.tie_word_embeddings and self.share_encoder_decoder_embeddings
