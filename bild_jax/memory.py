@@ -12,6 +12,7 @@ false alarm, and a decode just under the limit may still fail to allocate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Sequence
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 
 from bild_jax.errors import InputError
-from bild_jax.model import Model, for_decode_loop
+from bild_jax.model import Model, decode_loop_dtype
 from bild_jax.prompts import decoder_capacity
 
 
@@ -130,15 +131,9 @@ def _pass_bytes(model: Model, batch: int, prompt_width: int, capacity: int,
     [B, width, vocab] float32. (Tracing the passes would find it for any family, but costs ~0.5 s per model
     and shape, on every new shape.)"""
     config = model.config
-    loop_dtype = jax.eval_shape(for_decode_loop, model).dtype  # CPU: half-precision models run in float32
-
-    def cache_bytes_at(slots: int) -> int:
-        cache = jax.eval_shape(lambda: model.family.init_cache(config, batch, slots, loop_dtype))
-        return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(cache))
-
-    # Linear in the slots; measured at 1 and 2 slots, so that an absurd capacity is never a shape.
-    per_slot = cache_bytes_at(2) - cache_bytes_at(1)
-    cache_bytes = cache_bytes_at(1) + per_slot * (capacity - 1)
+    loop_dtype = decode_loop_dtype(model)
+    base, per_slot = _cache_bytes_per_slot(model.family, config, loop_dtype, batch)
+    cache_bytes = base + per_slot * capacity
     if model.is_encoder_decoder:
         # Cross-attention keeps keys/values for each encoder position, as self-attention does per slot.
         cache_bytes += per_slot * prompt_width
@@ -153,6 +148,20 @@ def _pass_bytes(model: Model, batch: int, prompt_width: int, capacity: int,
         loop_dtype.itemsize * sum(x.size for x in jax.tree_util.tree_leaves(model.params))
     return (cache_bytes, max(largest(prompt_width, prompt_keys), largest(decoder_prompt, capacity)),
             largest(block_width, capacity + block_width), loop_weights)
+
+
+@functools.lru_cache(maxsize=256)
+def _cache_bytes_per_slot(family, config, dtype, batch: int) -> tuple[int, int]:
+    """(bytes independent of the slots, bytes per slot) of a `batch`-row cache of this family and config.
+
+    Traced once per key (~2 ms per trace): the check runs on every generate call, which must not pay it
+    again. Linear in the slots, so measured at 1 and 2 slots: an absurd capacity is never a shape."""
+    def cache_bytes_at(slots: int) -> int:
+        cache = jax.eval_shape(lambda: family.init_cache(config, batch, slots, dtype))
+        return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(cache))
+
+    per_slot = cache_bytes_at(2) - cache_bytes_at(1)
+    return cache_bytes_at(1) - per_slot, per_slot
 
 
 def _nbytes(x) -> int:

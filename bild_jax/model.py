@@ -91,9 +91,17 @@ def for_decode_loop(model: Model) -> Model:
     converted once per call here, so that the loop reads float32 weights (and runs float32 activations);
     on GPUs and TPUs, which compute in half precision natively, the model is returned unchanged.
     """
-    if jax.default_backend() != "cpu" or model.dtype not in (jnp.bfloat16, jnp.float16):
+    loop_dtype = decode_loop_dtype(model)
+    if loop_dtype == model.dtype:
         return model
-    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), model.params))
+    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(loop_dtype), model.params))
+
+
+def decode_loop_dtype(model: Model):
+    """The dtype `for_decode_loop` gives the model's params: float32 for half precision on CPU, else its own."""
+    if jax.default_backend() == "cpu" and model.dtype in (jnp.bfloat16, jnp.float16):
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(model.dtype)
 
 
 def param_shapes(family: ModelFamily, config) -> dict[tuple, tuple]:

@@ -29,8 +29,8 @@ from bild_jax.models.encoder_decoder import (EncoderDecoderCache, empty_cache, e
 from bild_jax.models.family import ModelFamily
 from bild_jax.errors import Unsupported
 from bild_jax.models.hf_config import check_divides, config_int, token_ids
-from bild_jax.models.layers import (activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    head_major, kv_block)
+from bild_jax.models.layers import (Dense, activation, attend, attention, cached_keys_values,
+                                    decoder_positions_and_mask, head_major, kv_block)
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("bart", "marian")
@@ -143,10 +143,10 @@ class BartAttention(nn.Module):
 
     def setup(self):
         d_model = self.config.d_model
-        self.q_proj = nn.Dense(d_model)
-        self.k_proj = nn.Dense(d_model)
-        self.v_proj = nn.Dense(d_model)
-        self.out_proj = nn.Dense(d_model)
+        self.q_proj = Dense(d_model)
+        self.k_proj = Dense(d_model)
+        self.v_proj = Dense(d_model)
+        self.out_proj = Dense(d_model)
 
     @property
     def head_dim(self) -> int:
@@ -181,8 +181,8 @@ class BartLayer(nn.Module):
             self.encoder_attn = BartAttention(cfg, heads)
             self.encoder_attn_layer_norm = _layer_norm("encoder_attn_layer_norm")
         ffn_dim = cfg.decoder_ffn_dim if self.is_decoder else cfg.encoder_ffn_dim
-        self.fc1 = nn.Dense(ffn_dim)
-        self.fc2 = nn.Dense(cfg.d_model)
+        self.fc1 = Dense(ffn_dim)
+        self.fc2 = Dense(cfg.d_model)
         self.final_layer_norm = _layer_norm("final_layer_norm")
 
     def __call__(self, h, mask, cache: KVCache | None, cross_keys=None, cross_values=None, cross_mask=None):
@@ -261,7 +261,7 @@ class BartForConditionalGeneration(nn.Module):
         self.encoder = BartStack(cfg, is_decoder=False)
         self.decoder = BartStack(cfg, is_decoder=True)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)
+            self.lm_head = Dense(cfg.vocab_size, use_bias=False)
         self.final_logits_bias = self.param("final_logits_bias", nn.initializers.zeros, (1, cfg.vocab_size))
 
     def _token_table(self, stack: BartStack) -> nn.Embed:
@@ -303,7 +303,7 @@ class BartForConditionalGeneration(nn.Module):
 
     def _logits(self, h):
         if self.config.tie_word_embeddings:
-            logits = self._token_table(self.decoder).attend(h)
+            logits = attend(self._token_table(self.decoder), h)
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)

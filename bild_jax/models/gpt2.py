@@ -12,8 +12,8 @@ from bild_jax.cache import KVCache
 from bild_jax.errors import Unsupported
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
-from bild_jax.models.layers import (activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    kv_block)
+from bild_jax.models.layers import (Dense, activation, attend, attention, cached_keys_values,
+                                    decoder_positions_and_mask, kv_block)
 from bild_jax.weights import hf_name_to_flax_path
 
 # Non-parameter buffers that old GPT-2 checkpoints (the hub `gpt2` one included) still carry.
@@ -92,14 +92,14 @@ class GPT2Attention(nn.Module):
         cfg = self.config
         batch, width, _ = x.shape
         # c_attn's kernel is HF's Conv1D weight as is: [n_embd, 3 * n_embd], columns ordered q | k | v.
-        qkv = nn.Dense(3 * cfg.n_embd, name="c_attn")(x).reshape(batch, width, 3, cfg.n_head, cfg.head_dim)
+        qkv = Dense(3 * cfg.n_embd, name="c_attn")(x).reshape(batch, width, 3, cfg.n_head, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         keys, values = cached_keys_values(cache, self.layer, k, v)
         scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer + 1
         out = attention(q, keys, values, mask, scale=scale)
-        out = nn.Dense(cfg.n_embd, name="c_proj")(out.reshape(batch, width, -1))
+        out = Dense(cfg.n_embd, name="c_proj")(out.reshape(batch, width, -1))
         return out, k, v
 
 
@@ -109,8 +109,8 @@ class GPT2MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        hidden = activation(cfg.activation_function)(nn.Dense(cfg.n_inner, name="c_fc")(x))
-        return nn.Dense(cfg.n_embd, name="c_proj")(hidden)
+        hidden = activation(cfg.activation_function)(Dense(cfg.n_inner, name="c_fc")(x))
+        return Dense(cfg.n_embd, name="c_proj")(hidden)
 
 
 class GPT2Block(nn.Module):
@@ -155,11 +155,11 @@ class GPT2LMHeadModel(nn.Module):
             layer_values.append(values)
         h = _layer_norm(cfg, "ln_f")(h)
         if cfg.tie_word_embeddings:
-            logits = wte.attend(h)
+            logits = attend(wte, h)
         else:
             # An Embed, not a Dense: HF's lm_head is an nn.Linear stored [vocab, n_embd], which the family's
             # untransposed (Conv1D) weight layout would otherwise load the wrong way round.
-            logits = nn.Embed(cfg.vocab_size, cfg.n_embd, name="lm_head").attend(h)
+            logits = attend(nn.Embed(cfg.vocab_size, cfg.n_embd, name="lm_head"), h)
         return logits.astype(jnp.float32), kv_block(cache, layer_keys, layer_values)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -10,8 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bild_jax import cpu_matmul
 from bild_jax.cache import KVBlock, KVCache, attended_positions
 from bild_jax.errors import Unsupported
+
+
+# Every weight product of the families: on CPU, decode steps run them in bild-jax's native kernel.
+Dense = functools.partial(nn.Dense, dot_general=cpu_matmul.dense_dot_general)
+
+
+def attend(table: nn.Embed, h: jax.Array) -> jax.Array:
+    """`table.attend(h)`, the tied embedding as the output layer: h [..., D] -> logits [..., V]."""
+    return cpu_matmul.attend(table.embedding, h)
 
 
 class RMSNorm(nn.Module):

@@ -17,8 +17,8 @@ import numpy as np
 
 from bild_jax.cache import KVCache
 from bild_jax.errors import Unsupported
-from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    kv_block, sliding_window_mask, softcap)
+from bild_jax.models.layers import (Dense, RMSNorm, activation, attend, attention, cached_keys_values,
+                                    decoder_positions_and_mask, kv_block, sliding_window_mask, softcap)
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
 from bild_jax.weights import hf_name_to_flax_path
@@ -208,9 +208,9 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, mask, cache):
         cfg = self.config
         batch, width, _ = x.shape
-        q = nn.Dense(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="q_proj")(x)
-        k = nn.Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="k_proj")(x)
-        v = nn.Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="v_proj")(x)
+        q = Dense(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="q_proj")(x)
+        k = Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="k_proj")(x)
+        v = Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="v_proj")(x)
         q = q.reshape(batch, width, cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, width, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
@@ -223,7 +223,7 @@ class LlamaAttention(nn.Module):
         keys, values = cached_keys_values(cache, self.layer, k, v)
         scale = cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
         out = attention(q, keys, values, mask, scale=scale, score_cap=cfg.attn_softcap)
-        out = nn.Dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out.reshape(batch, width, -1))
+        out = Dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out.reshape(batch, width, -1))
         return out, k, v
 
 
@@ -233,9 +233,9 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = nn.Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(x)
-        up = nn.Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(x)
-        return nn.Dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(activation(cfg.hidden_act)(gate) * up)
+        gate = Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(x)
+        up = Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(x)
+        return Dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(activation(cfg.hidden_act)(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -294,9 +294,9 @@ class LlamaForCausalLM(nn.Module):
             layer_values.append(values)
         h = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name="norm")(h)
         if cfg.tie_word_embeddings:
-            logits = embed.attend(h)
+            logits = attend(embed, h)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")(h)
+            logits = Dense(cfg.vocab_size, use_bias=False, name="lm_head")(h)
         return softcap(logits.astype(jnp.float32), cfg.final_softcap), kv_block(cache, layer_keys, layer_values)
 
 

@@ -15,8 +15,8 @@ from bild_jax.models.encoder_decoder import (EncoderDecoderCache, empty_cache, e
                                              key_mask)
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import config_float, config_int, token_ids
-from bild_jax.models.layers import (RMSNorm, activation, attention, cached_keys_values, decoder_positions_and_mask,
-                                    head_major, kv_block)
+from bild_jax.models.layers import (Dense, RMSNorm, activation, attend, attention, cached_keys_values,
+                                    decoder_positions_and_mask, head_major, kv_block)
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("t5", "mt5")
@@ -120,10 +120,10 @@ class T5Attention(nn.Module):
     def setup(self):
         cfg = self.config
         inner = cfg.num_heads * cfg.d_kv
-        self.q = nn.Dense(inner, use_bias=False)
-        self.k = nn.Dense(inner, use_bias=False)
-        self.v = nn.Dense(inner, use_bias=False)
-        self.o = nn.Dense(cfg.d_model, use_bias=False)
+        self.q = Dense(inner, use_bias=False)
+        self.k = Dense(inner, use_bias=False)
+        self.v = Dense(inner, use_bias=False)
+        self.o = Dense(cfg.d_model, use_bias=False)
         if self.has_relative_bias:
             self.relative_attention_bias = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads)
 
@@ -184,11 +184,11 @@ class T5DenseReluDense(nn.Module):
         cfg = self.config
         act = activation(cfg.dense_act_fn)
         if cfg.is_gated_act:
-            hidden = act(nn.Dense(cfg.d_ff, use_bias=False, name="wi_0")(x)) * nn.Dense(
+            hidden = act(Dense(cfg.d_ff, use_bias=False, name="wi_0")(x)) * Dense(
                 cfg.d_ff, use_bias=False, name="wi_1")(x)
         else:
-            hidden = act(nn.Dense(cfg.d_ff, use_bias=False, name="wi")(x))
-        return nn.Dense(cfg.d_model, use_bias=False, name="wo")(hidden)
+            hidden = act(Dense(cfg.d_ff, use_bias=False, name="wi")(x))
+        return Dense(cfg.d_model, use_bias=False, name="wo")(hidden)
 
 
 class T5LayerFF(nn.Module):
@@ -266,7 +266,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.encoder = T5Stack(cfg, is_decoder=False)
         self.decoder = T5Stack(cfg, is_decoder=True)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)
+            self.lm_head = Dense(cfg.vocab_size, use_bias=False)
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None):
         source_mask = encoder_mask(input_ids, attention_mask)
@@ -301,7 +301,7 @@ class T5ForConditionalGeneration(nn.Module):
     def _logits(self, h):
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model ** -0.5
-        logits = self.shared.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        logits = attend(self.shared, h) if self.config.tie_word_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32)
 
 

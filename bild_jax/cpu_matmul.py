@@ -1,0 +1,132 @@
+"""float32 weight products of decode steps on CPU through bild-jax's native kernel (`native/matmul.cc`).
+
+XLA:CPU computes a matrix-vector product on one core, at about half the memory bandwidth the machine has,
+and a decode step is a chain of them over every weight of the model. The kernel streams each weight once
+with all cores (XLA's own intra-op threads) and sums every output in one fixed order, so a row's result is
+the same whatever rows share the call: the logits of a verification block equal those of one-token steps.
+
+It takes the products that are worth it and leaves the rest to XLA, decided at trace time from static
+shapes: float32 operands, a weight of at least `MIN_WEIGHT_BYTES` (smaller ones sit in cache, where XLA's
+dot is as fast), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and
+training batches are compute-bound), one CPU device (a sharded model keeps XLA's dot, which the SPMD
+partitioner splits). The kernel is compiled on first use with the machine's C++ compiler (`CXX`, else g++,
+c++ or clang++) and cached under `$BILD_JAX_CACHE` (default ~/.cache/bild_jax); without a compiler, or with
+`BILD_JAX_NATIVE_MATMUL=0`, every product stays XLA's. Differentiable: derivatives are XLA dots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bild_jax.atomic import atomic_path
+
+SOURCE = Path(__file__).parent / "native" / "matmul.cc"
+MIN_WEIGHT_BYTES = 256 * 1024
+MAX_ROWS = 16
+_TARGETS = {False: ("bild_matmul", "BildMatmul"), True: ("bild_matmul_transposed", "BildMatmulTransposed")}
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+    """`lax.dot_general` for `nn.Dense(dot_general=...)`: x [..., K] @ kernel [K, N] through the native
+    kernel where `native_applies`, else XLA's dot."""
+    dense = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
+    if dense and rhs.ndim == 2 and preferred_element_type in (None, jnp.float32) and native_applies(lhs, rhs):
+        return _native_product(lhs, rhs, False)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+def attend(table: jax.Array, x: jax.Array) -> jax.Array:
+    """x [..., D] @ table [V, D]^T -> [..., V]: a tied embedding table used as the output layer (what
+    `nn.Embed.attend` computes, with both operands promoted to one dtype)."""
+    dtype = jnp.promote_types(x.dtype, table.dtype)
+    x, table = x.astype(dtype), table.astype(dtype)
+    if native_applies(x, table):
+        return _native_product(x, table, True)
+    return jnp.dot(x, table.T)
+
+
+def native_applies(x: jax.Array, weight: jax.Array) -> bool:
+    """Whether x [..., K] times the 2-D `weight` runs in the native kernel (static: shapes, dtypes, backend)."""
+    rows = math.prod(x.shape[:-1])
+    return (x.dtype == jnp.float32 and weight.dtype == jnp.float32 and weight.ndim == 2
+            and 0 < rows <= MAX_ROWS and weight.size * 4 >= MIN_WEIGHT_BYTES
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
+
+
+def available() -> bool:
+    """Whether the native kernel is enabled and built (builds it on first call)."""
+    return os.environ.get("BILD_JAX_NATIVE_MATMUL", "1") != "0" and _library() is not None
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _native_product(x: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
+    columns = weight.shape[0] if transposed else weight.shape[1]
+    call = jax.ffi.ffi_call(_TARGETS[transposed][0], jax.ShapeDtypeStruct(x.shape[:-1] + (columns,), x.dtype),
+                            vmap_method="sequential")
+    return call(x, weight)
+
+
+@_native_product.defjvp
+def _native_product_jvp(transposed, primals, tangents):
+    (x, weight), (x_dot, weight_dot) = primals, tangents
+    product = (lambda a, w: a @ w.T) if transposed else (lambda a, w: a @ w)
+    return _native_product(x, weight, transposed), product(x_dot, weight) + product(x, weight_dot)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel with its FFI targets registered, or None (with one warning) if it cannot be built."""
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"bild-jax: the native CPU matmul kernel is unavailable ({error}); decoding on CPU uses "
+                      f"XLA's dot, about 1.3x slower", RuntimeWarning, stacklevel=3)
+        return None
+    for transposed, (target, symbol) in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return library
+
+
+def _build() -> Path:
+    """Path of the shared library for this source, jaxlib and CPU, compiled now if not cached."""
+    compiler = os.environ.get("CXX") or next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)
+    if compiler is None:
+        raise OSError("no C++ compiler found (set CXX)")
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), jax.__version__, compiler, *flags, platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("BILD_JAX_CACHE", Path.home() / ".cache" / "bild_jax")) / "native"
+    library = cache / f"matmul-{key}.so"
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_path(library) as partial:
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                  text=True, timeout=300)
+            if done.returncode != 0:
+                raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+    return library
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux), so that a cache shared between machines never runs code built for
+    another CPU (`-march=native`)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return ""

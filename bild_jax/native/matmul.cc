@@ -1,0 +1,171 @@
+// float32 products for the few rows of a decode step, streaming the weights once with every core.
+//
+// XLA:CPU runs a matrix-vector product on one core, which reads memory at about half the machine's
+// bandwidth; a decode step is a chain of such products. Both kernels split the weight into chunks that the
+// calling thread and XLA's intra-op threads take in turn, so a helper that wakes late costs nothing, and
+// each output element is summed in one fixed order whatever the number of rows or threads: a row's result
+// never depends on the rows computed with it (a verification block gives the one-token step's logits).
+//
+//   bild_matmul:            y[M, N] = x[M, K] @ w[K, N]   (Dense kernels)
+//   bild_matmul_transposed: y[M, N] = x[M, K] @ w[N, K]^T (tied embedding tables used as the output layer)
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRows = 8;    // rows of w summed per pass over y, so y is read and written K/8 times
+constexpr int64_t kTile = 256;  // columns per tile when several x rows reuse a block of w from L1
+constexpr int64_t kLanes = 16;  // partial sums of a transposed dot product, added in a fixed order
+
+struct Product {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t m, k, n;
+};
+
+// out[M, N] = x[:, k0:k1] @ w[k0:k1, :].
+void RowsProduct(const Product& p, int64_t k0, int64_t k1, float* __restrict out) {
+  const int64_t tile = p.m == 1 ? p.n : kTile;  // one row: stream w in order
+  std::memset(out, 0, p.m * p.n * sizeof(float));
+  for (int64_t t0 = 0; t0 < p.n; t0 += tile) {
+    const int64_t width = std::min(tile, p.n - t0);
+    int64_t kk = k0;
+    for (; kk + kRows <= k1; kk += kRows) {
+      const float* __restrict w0 = p.w + kk * p.n + t0;
+      const float* __restrict w1 = w0 + p.n;
+      const float* __restrict w2 = w1 + p.n;
+      const float* __restrict w3 = w2 + p.n;
+      const float* __restrict w4 = w3 + p.n;
+      const float* __restrict w5 = w4 + p.n;
+      const float* __restrict w6 = w5 + p.n;
+      const float* __restrict w7 = w6 + p.n;
+      for (int64_t r = 0; r < p.m; ++r) {
+        const float* x = p.x + r * p.k + kk;
+        float* __restrict y = out + r * p.n + t0;
+        for (int64_t j = 0; j < width; ++j)
+          y[j] += x[0] * w0[j] + x[1] * w1[j] + x[2] * w2[j] + x[3] * w3[j] + x[4] * w4[j] + x[5] * w5[j] +
+                  x[6] * w6[j] + x[7] * w7[j];
+      }
+    }
+    for (; kk < k1; ++kk) {
+      const float* __restrict w = p.w + kk * p.n + t0;
+      for (int64_t r = 0; r < p.m; ++r) {
+        const float x = p.x[r * p.k + kk];
+        float* __restrict y = out + r * p.n + t0;
+        for (int64_t j = 0; j < width; ++j) y[j] += x * w[j];
+      }
+    }
+  }
+}
+
+// y[:, n0:n1] = x @ w[n0:n1, :]^T: one dot product of length K per output, w's rows read in order.
+void TransposedProduct(const Product& p, int64_t n0, int64_t n1) {
+  for (int64_t col = n0; col < n1; ++col) {
+    const float* __restrict w = p.w + col * p.k;
+    for (int64_t r = 0; r < p.m; ++r) {
+      const float* __restrict x = p.x + r * p.k;
+      float lanes[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= p.k; d += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[d + l] * w[d + l];
+      for (int64_t l = 0; d < p.k; ++d, ++l) lanes[l] += x[d] * w[d];
+      float sum = 0.0f;
+      for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+      p.y[r * p.n + col] = sum;
+    }
+  }
+}
+
+// Runs run(chunk) for chunk in [0, chunks) on the calling thread and up to threads - 1 pool threads.
+template <typename Run>
+void InChunks(ffi::ThreadPool& pool, int64_t chunks, Run run) {
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), chunks) - 1;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> running{helpers};
+  auto work = [&] {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) run(c);
+  };
+  for (int64_t i = 0; i < helpers; ++i)
+    pool.Schedule([&] {
+      work();
+      running.fetch_sub(1, std::memory_order_acq_rel);
+    });
+  work();
+  // The helpers hold references to this frame until they are done.
+  while (running.load(std::memory_order_acquire) != 0) {
+  }
+}
+
+int64_t ChunkCount(ffi::ThreadPool& pool, int64_t units) {
+  return std::max<int64_t>(1, std::min<int64_t>(4 * std::max<int64_t>(pool.num_threads(), 1), units));
+}
+
+ffi::Error Rows(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w, bool transposed, Product* p) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (wd.size() != 2 || xd.size() < 1 || xd.back() != (transposed ? wd[1] : wd[0]))
+    return ffi::Error::InvalidArgument("bild_matmul: x [..., K] and w [K, N] (or [N, K] transposed) expected");
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) m *= xd[i];
+  *p = Product{x.typed_data(), w.typed_data(), nullptr, m, xd.back(), transposed ? wd[0] : wd[1]};
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  Product p;
+  if (ffi::Error error = Rows(x, w, false, &p); error.failure()) return error;
+  p.y = y->typed_data();
+  // Chunks of w's rows, each summed into its own partial (chunk 0 straight into y), then added in order.
+  const int64_t chunks = ChunkCount(pool, p.k / (4 * kRows));
+  const int64_t rows = ((p.k + chunks - 1) / chunks + kRows - 1) / kRows * kRows;
+  const int64_t size = p.m * p.n;
+  std::vector<float> partials((chunks - 1) * size);
+  InChunks(pool, chunks, [&](int64_t c) {
+    const int64_t k0 = std::min(p.k, c * rows);
+    RowsProduct(p, k0, std::min(p.k, k0 + rows), c == 0 ? p.y : partials.data() + (c - 1) * size);
+  });
+  for (int64_t c = 1; c < chunks; ++c) {
+    const float* __restrict part = partials.data() + (c - 1) * size;
+    for (int64_t j = 0; j < size; ++j) p.y[j] += part[j];
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                ffi::ResultBuffer<ffi::F32> y) {
+  Product p;
+  if (ffi::Error error = Rows(x, w, true, &p); error.failure()) return error;
+  p.y = y->typed_data();
+  const int64_t chunks = ChunkCount(pool, p.n / 64);
+  const int64_t cols = (p.n + chunks - 1) / chunks;
+  InChunks(pool, chunks, [&](int64_t c) {
+    const int64_t n0 = std::min(p.n, c * cols);
+    TransposedProduct(p, n0, std::min(p.n, n0 + cols));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmulTransposed, MatmulTransposedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

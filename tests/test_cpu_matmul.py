@@ -1,0 +1,119 @@
+"""The native CPU kernel for decode-step weight products: values, row independence, gradients, when it is
+used, and models decoding through it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bild_jax
+from bild_jax import cpu_matmul
+from bild_jax.bild import BiLDConfig, bild_generate
+
+
+
+def _dense(a, w):
+    """What `nn.Dense` asks for: a [..., K] @ w [K, N]."""
+    return cpu_matmul.dense_dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())))
+
+
+# K not a multiple of the kernel's 8-row passes or 16 lanes, N not a multiple of its column tiles; the
+# weight (1.1 MB) is above MIN_WEIGHT_BYTES.
+K, N = 389, 700
+
+pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="no C++ compiler for the native kernel")
+
+
+def _operands(rows: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((rows, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32))
+
+
+def _lowered(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_products_match_float64_and_each_row_alone(transposed):
+    x, w = _operands(11)
+    weight = w.T.copy() if transposed else w
+
+    def product(a):
+        return cpu_matmul.attend(weight, a) if transposed else _dense(a, weight)
+
+    assert cpu_matmul.native_applies(jnp.asarray(x), jnp.asarray(weight))
+    assert "bild_matmul" in _lowered(product, x)
+    block = np.asarray(jax.jit(product)(x))
+    np.testing.assert_allclose(block, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-4)
+    # Summed in one order whatever the rows: a verification block's logits are the one-token steps' logits.
+    for row in (0, 5, 10):
+        np.testing.assert_array_equal(np.asarray(jax.jit(product)(x[row:row + 1])), block[row:row + 1])
+    # Leading axes are rows too.
+    stacked = np.asarray(jax.jit(product)(x[:10].reshape(2, 5, K)))
+    np.testing.assert_array_equal(stacked.reshape(10, N), block[:10])
+
+
+def test_gradients_are_xla_dots():
+    x, w = _operands(3, seed=1)
+
+    def loss(product):
+        return lambda a, b: jnp.sum(jnp.tanh(product(a, b)) ** 2)
+
+    native = jax.grad(loss(lambda a, b: _dense(a, b)), argnums=(0, 1))(x, w)
+    expected = jax.grad(loss(lambda a, b: a @ b), argnums=(0, 1))(x, w)
+    for got, want in zip(native, expected):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    tied = jax.grad(loss(lambda a, b: cpu_matmul.attend(b.T, a)), argnums=(0, 1))(x, w)
+    for got, want in zip(tied, expected):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_xla_keeps_what_the_kernel_does_not_speed_up(monkeypatch):
+    x, w = _operands(17)
+    # Too many rows (a prompt pass), too small a weight, another dtype, or switched off: XLA's dot.
+    assert not cpu_matmul.native_applies(jnp.asarray(x), jnp.asarray(w))
+    assert not cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w[:, :64]))
+    assert not cpu_matmul.native_applies(jnp.asarray(x[:1], jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+    assert "bild_matmul" not in _lowered(lambda a: _dense(a, w), x)
+    monkeypatch.setenv("BILD_JAX_NATIVE_MATMUL", "0")
+    assert not cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(_dense(x[:1], w)), x[:1] @ w, rtol=1e-4,
+                               atol=1e-3)
+
+
+@pytest.fixture
+def every_weight_native(monkeypatch):
+    """The tiny test models' weights through the kernel (compiled programs traced without it are dropped)."""
+    monkeypatch.setattr(cpu_matmul, "MIN_WEIGHT_BYTES", 0)
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixed", "t5"])
+def test_models_decode_through_the_kernel(every_weight_native, bild_pair, kind):
+    """Llama, GPT-2 (a tied head) and T5: the kernel's logits match XLA's, and exact BiLD, whose
+    verification blocks now go through it too, is still token for token the large model's greedy output."""
+    small, large = bild_pair(kind)
+    prompts = [[3, 5, 7, 9, 11], [4, 6, 8]]
+    ids = jnp.asarray([[3, 5, 7, 9], [4, 6, 8, 10]])
+    decoder_ids = jnp.asarray([[0, 5, 6], [0, 8, 9]]) if large.is_encoder_decoder else None
+
+    def step(ids):
+        return bild_jax.forward_logits(large, ids, decoder_ids)
+
+    assert "bild_matmul" in jax.jit(step).lower(ids).as_text()
+    native = np.asarray(step(ids))
+    with pytest.MonkeyPatch.context() as off:
+        off.setenv("BILD_JAX_NATIVE_MATMUL", "0")
+        jax.clear_caches()
+        reference = np.asarray(step(ids))
+    jax.clear_caches()
+    np.testing.assert_allclose(native, reference, rtol=1e-4, atol=1e-4)
+    config = BiLDConfig(max_new_tokens=12, max_draft=3, fallback_threshold=0.3, exact=True, eos_token_id=[])
+    for row in prompts:
+        out = bild_generate(small, large, [row], config)
+        greedy = bild_jax.greedy_generate(large, [row], max_new_tokens=12, eos_token_id=[])
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
