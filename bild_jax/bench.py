@@ -209,7 +209,7 @@ def step_costs(models: dict[str, Model], width: int, capacity: int, context: Seq
     """Per model: ms per one-token decode step and per [1, width] block, the median of `repeats` timed loops
     (all timers interleaved, after one compiling call each), with the bytes one step reads (weights as the
     decode loops hold them, plus the cache of `capacity` slots)."""
-    decoded = {name: for_decode_loop(model) for name, model in models.items()}
+    decoded = {name: for_decode_loop(model, rows=width) for name, model in models.items()}
     timers = {(name, w): _loop_timer(model, w, capacity, context, loop)
               for name, model in decoded.items() for w in (1, width)}
     samples = {key: [] for key in timers}

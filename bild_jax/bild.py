@@ -432,7 +432,10 @@ def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: 
     `max_new_tokens`, `max_draft` and `pad_token_id` are static. `rng`: one PRNG key or [B] keys, one per
     row (`sampling.row_keys`); None uses a fixed key, fine for greedy decoding, which draws nothing.
     """
-    ctx = DecodeContext(small=for_decode_loop(small), large=for_decode_loop(large), policy=policy,
+    batch = prompts.shape[0]
+    # The widest passes in the loop: the small model's two-token feed, the large model's full block.
+    ctx = DecodeContext(small=for_decode_loop(small, rows=2 * batch),
+                        large=for_decode_loop(large, rows=(max_draft + 1) * batch), policy=policy,
                         keys=row_keys(rng, prompts.shape[0]), max_new_tokens=max_new_tokens, max_draft=max_draft)
     state = init_state(ctx, prompts, prompt_lengths)
     state = lax.while_loop(lambda s: ~s.done.all(), functools.partial(decode_step, ctx), state)

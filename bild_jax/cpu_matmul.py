@@ -6,8 +6,9 @@ with all cores (XLA's own intra-op threads) and sums every output in one fixed o
 the same whatever rows share the call: the logits of a verification block equal those of one-token steps.
 
 It takes the products that are worth it and leaves the rest to XLA, decided at trace time from static
-shapes: float32 operands, a weight of at least `MIN_WEIGHT_BYTES` (smaller ones sit in cache, where XLA's
-dot is as fast), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and
+shapes: float32 rows times a float32 or bfloat16 weight (widened exactly as it is read, so a bfloat16 model
+reads half the bytes of its float32 copy and gets the same sums), a weight of at least `MIN_WEIGHT_BYTES`
+(smaller ones sit in cache, where XLA's dot is as fast), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and
 training batches are compute-bound), one CPU device (a sharded model keeps XLA's dot, which the SPMD
 partitioner splits). The kernel is compiled on first use with the machine's C++ compiler (`CXX`, else g++,
 c++ or clang++) and cached under `$BILD_JAX_CACHE` (default ~/.cache/bild_jax); without a compiler, or with
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype as flax_promote_dtype
 from jax import lax
 
 from bild_jax.atomic import atomic_path
@@ -36,35 +38,50 @@ from bild_jax.atomic import atomic_path
 SOURCE = Path(__file__).parent / "native" / "matmul.cc"
 MIN_WEIGHT_BYTES = 256 * 1024
 MAX_ROWS = 16
-_TARGETS = {False: ("bild_matmul", "BildMatmul"), True: ("bild_matmul_transposed", "BildMatmulTransposed")}
+# (transposed, weight dtype) -> (FFI target, symbol of the handler in the library)
+_TARGETS = {(False, "float32"): ("bild_matmul", "BildMatmul"),
+            (False, "bfloat16"): ("bild_matmul_bf16", "BildMatmulBf16"),
+            (True, "float32"): ("bild_matmul_transposed", "BildMatmulTransposed"),
+            (True, "bfloat16"): ("bild_matmul_transposed_bf16", "BildMatmulTransposedBf16")}
 
 
 def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                       preferred_element_type=None) -> jax.Array:
     """`lax.dot_general` for `nn.Dense(dot_general=...)`: x [..., K] @ kernel [K, N] through the native
-    kernel where `native_applies`, else XLA's dot."""
+    kernel where `native_applies`, else XLA's dot (a bfloat16 kernel with float32 rows widened first)."""
     dense = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
-    if dense and rhs.ndim == 2 and preferred_element_type in (None, jnp.float32) and native_applies(lhs, rhs):
+    if dense and preferred_element_type in (None, jnp.float32) and native_applies(lhs, rhs):
         return _native_product(lhs, rhs, False)
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+    return lax.dot_general(lhs, rhs.astype(lhs.dtype), dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
+
+
+def promote_dtype(inputs, kernel, bias, dtype=None, inexact: bool = True) -> list:
+    """`nn.Dense(promote_dtype=...)`: flax's promotion, except that a bfloat16 kernel meeting float32 rows
+    stays bfloat16 for `dense_dot_general` (the CPU decode loop keeps the weights the kernel reads so)."""
+    if dtype is None and inputs.dtype == jnp.float32 and kernel is not None and kernel.dtype == jnp.bfloat16:
+        return [inputs, kernel, None if bias is None else bias.astype(jnp.float32)]
+    return flax_promote_dtype(inputs, kernel, bias, dtype=dtype, inexact=inexact)
 
 
 def attend(table: jax.Array, x: jax.Array) -> jax.Array:
     """x [..., D] @ table [V, D]^T -> [..., V]: a tied embedding table used as the output layer (what
     `nn.Embed.attend` computes, with both operands promoted to one dtype)."""
-    dtype = jnp.promote_types(x.dtype, table.dtype)
-    x, table = x.astype(dtype), table.astype(dtype)
     if native_applies(x, table):
         return _native_product(x, table, True)
-    return jnp.dot(x, table.T)
+    dtype = jnp.promote_types(x.dtype, table.dtype)
+    return jnp.dot(x.astype(dtype), table.astype(dtype).T)
 
 
 def native_applies(x: jax.Array, weight: jax.Array) -> bool:
     """Whether x [..., K] times the 2-D `weight` runs in the native kernel (static: shapes, dtypes, backend)."""
-    rows = math.prod(x.shape[:-1])
-    return (x.dtype == jnp.float32 and weight.dtype == jnp.float32 and weight.ndim == 2
-            and 0 < rows <= MAX_ROWS and weight.size * 4 >= MIN_WEIGHT_BYTES
+    return x.dtype == jnp.float32 and weight.ndim == 2 and native_reads(weight, math.prod(x.shape[:-1]))
+
+
+def native_reads(weight: jax.Array, rows: int) -> bool:
+    """Whether products of up to `rows` rows with the 2-D `weight` run in the native kernel."""
+    return (weight.dtype in (jnp.float32, jnp.bfloat16) and 0 < rows <= MAX_ROWS
+            and weight.size * weight.dtype.itemsize >= MIN_WEIGHT_BYTES
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
@@ -76,7 +93,7 @@ def available() -> bool:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _native_product(x: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
     columns = weight.shape[0] if transposed else weight.shape[1]
-    call = jax.ffi.ffi_call(_TARGETS[transposed][0], jax.ShapeDtypeStruct(x.shape[:-1] + (columns,), x.dtype),
+    call = jax.ffi.ffi_call(_TARGETS[transposed, jnp.dtype(weight.dtype).name][0], jax.ShapeDtypeStruct(x.shape[:-1] + (columns,), x.dtype),
                             vmap_method="sequential")
     return call(x, weight)
 
@@ -84,8 +101,12 @@ def _native_product(x: jax.Array, weight: jax.Array, transposed: bool) -> jax.Ar
 @_native_product.defjvp
 def _native_product_jvp(transposed, primals, tangents):
     (x, weight), (x_dot, weight_dot) = primals, tangents
-    product = (lambda a, w: a @ w.T) if transposed else (lambda a, w: a @ w)
-    return _native_product(x, weight, transposed), product(x_dot, weight) + product(x, weight_dot)
+    def product(rows, w):
+        w = w.astype(jnp.float32)
+        return rows @ (w.T if transposed else w)
+
+    return _native_product(x, weight, transposed), (product(x_dot, weight) + product(x, weight_dot)
+                                                   ).astype(jnp.float32)
 
 
 @functools.cache
@@ -97,7 +118,7 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"bild-jax: the native CPU matmul kernel is unavailable ({error}); decoding on CPU uses "
                       f"XLA's dot, about 1.3x slower", RuntimeWarning, stacklevel=3)
         return None
-    for transposed, (target, symbol) in _TARGETS.items():
+    for target, symbol in _TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return library
 

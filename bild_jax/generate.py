@@ -46,7 +46,7 @@ def sample_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, e
     `position_keys(row_keys[b], t, TOKEN)`, the key BiLD's large model uses for a token it writes there.
     """
     batch = prompts.shape[0]
-    model = for_decode_loop(model)
+    model = for_decode_loop(model, rows=batch)  # one-token steps
     capacity = decoder_capacity(model, prompts.shape[1], max_new_tokens)
     first_logits, cache = prefill(model, prompts, prompt_lengths, capacity)
     keys = row_keys(rng, batch)

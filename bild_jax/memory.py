@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bild_jax.errors import InputError
-from bild_jax.model import Model, decode_loop_dtype
+from bild_jax.model import Model, decode_loop_dtype, loop_copy_bytes
 from bild_jax.prompts import decoder_capacity
 
 
@@ -144,8 +144,7 @@ def _pass_bytes(model: Model, batch: int, prompt_width: int, capacity: int,
     def largest(width: int, keys: int) -> int:
         return 4 * batch * width * max(config.num_heads * keys, config.vocab_size)
 
-    loop_weights = 0 if loop_dtype == model.dtype else \
-        loop_dtype.itemsize * sum(x.size for x in jax.tree_util.tree_leaves(model.params))
+    loop_weights = loop_copy_bytes(model, rows=batch * block_width)
     return (cache_bytes, max(largest(prompt_width, prompt_keys), largest(decoder_prompt, capacity)),
             largest(block_width, capacity + block_width), loop_weights)
 

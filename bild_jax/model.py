@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct, traverse_util
 
+from bild_jax import cpu_matmul
 from bild_jax.cache import KVBlock
 from bild_jax.errors import InputError
 from bild_jax.models import ModelFamily, family_for
@@ -40,7 +42,10 @@ class Model:
 
     @property
     def dtype(self):
-        return jax.tree_util.tree_leaves(self.params)[0].dtype
+        """The dtype it computes in: its params', the widest where they mix (the CPU decode loop keeps some
+        bfloat16 weights of a model it runs in float32)."""
+        dtypes = {param.dtype for param in jax.tree_util.tree_leaves(self.params)}
+        return functools.reduce(jnp.promote_types, dtypes)
 
     @property
     def vocab_size(self) -> int:
@@ -82,23 +87,44 @@ class Model:
         return logits, cache.append(block)
 
 
-def for_decode_loop(model: Model) -> Model:
+def for_decode_loop(model: Model, rows: int) -> Model:
     """The model as a decode loop should hold it, inside the caller's jit, before prefill and the loop.
+
+    `rows`: the most token rows a pass inside the loop computes at once (B for one-token steps, B x
+    (max_draft + 1) for verification blocks).
 
     XLA:CPU has no fast half-precision dot: it converts each bfloat16/float16 weight to float32 before every
     dot, and inside a `lax.while_loop` it does so again on every step (the loop-invariant conversion is not
     hoisted), reading 22 MB and writing 44 MB per token for the bundled large model. On CPU the params are
-    converted once per call here, so that the loop reads float32 weights (and runs float32 activations);
-    on GPUs and TPUs, which compute in half precision natively, the model is returned unchanged.
+    converted once per call here, so that the loop runs float32 activations, except the bfloat16 weights
+    that bild-jax's native kernel reads in every step (`cpu_matmul.native_reads`): it widens them as it
+    reads, so they stay as they are, half the bytes of a float32 copy for the same sums. On GPUs and TPUs,
+    which compute in half precision natively, the model is returned unchanged.
     """
-    loop_dtype = decode_loop_dtype(model)
-    if loop_dtype == model.dtype:
+    if decode_loop_dtype(model) == model.dtype:
         return model
-    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(loop_dtype), model.params))
+    return model.replace(params=jax.tree_util.tree_map_with_path(
+        lambda path, p: p if _kept_in_loop(path, p, rows) else p.astype(jnp.float32), model.params))
+
+
+def loop_copy_bytes(model: Model, rows: int) -> int:
+    """Bytes of the float32 copies `for_decode_loop(model, rows)` makes (0 where it keeps the params)."""
+    if decode_loop_dtype(model) == model.dtype:
+        return 0
+    return sum(4 * p.size for path, p in jax.tree_util.tree_leaves_with_path(model.params)
+               if not _kept_in_loop(path, p, rows))
+
+
+def _kept_in_loop(path, param, rows: int) -> bool:
+    """Whether a half-precision param stays as it is in the CPU decode loop: a Dense kernel the native
+    kernel reads (layers.Dense names it "kernel")."""
+    return (getattr(path[-1], "key", None) == "kernel" and param.dtype == jnp.bfloat16
+            and cpu_matmul.native_reads(param, rows))
 
 
 def decode_loop_dtype(model: Model):
-    """The dtype `for_decode_loop` gives the model's params: float32 for half precision on CPU, else its own."""
+    """The dtype of the activations and cache of the decode loop: float32 for half precision on CPU, else
+    the model's own."""
     if jax.default_backend() == "cpu" and model.dtype in (jnp.bfloat16, jnp.float16):
         return jnp.dtype(jnp.float32)
     return jnp.dtype(model.dtype)

@@ -55,6 +55,41 @@ def test_products_match_float64_and_each_row_alone(transposed):
     np.testing.assert_array_equal(stacked.reshape(10, N), block[:10])
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bfloat16_weights_give_the_sums_of_their_float32_copy(transposed):
+    x, w = _operands(4, seed=2)
+    half = jnp.asarray(w.T if transposed else w, jnp.bfloat16)
+    widened = half.astype(jnp.float32)
+
+    def product(a, weight):
+        return cpu_matmul.attend(weight, a) if transposed else _dense(a, weight)
+
+    assert "bild_matmul_transposed_bf16" in _lowered(product, x, half) if transposed else \
+        "bild_matmul_bf16" in _lowered(product, x, half)
+    np.testing.assert_array_equal(np.asarray(jax.jit(product)(x, half)), np.asarray(jax.jit(product)(x, widened)))
+
+
+def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, every_weight_native):
+    from bild_jax.model import for_decode_loop, loop_copy_bytes
+
+    _, large = bild_pair("llama")
+    half = large.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), large.params))
+    kept = for_decode_loop(half, rows=4)
+    dtypes = {"/".join(str(k.key) for k in path): p.dtype for path, p in jax.tree_util.tree_leaves_with_path(kept.params)}
+    assert all(dtype == (jnp.bfloat16 if name.endswith("kernel") else jnp.float32) for name, dtype in dtypes.items())
+    assert kept.dtype == jnp.float32  # it computes in float32
+    copied = sum(4 * p.size for name, p in zip(dtypes, jax.tree_util.tree_leaves(half.params))
+                 if not name.endswith("kernel"))
+    assert loop_copy_bytes(half, rows=4) == copied
+    # Past MAX_ROWS the loop's products are XLA's, which reads float32 copies of everything.
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(for_decode_loop(half, rows=64).params))
+    prompts = [[3, 5, 7, 9, 11]]
+    np.testing.assert_array_equal(
+        np.asarray(bild_jax.greedy_generate(half, prompts, max_new_tokens=8, eos_token_id=[]).tokens),
+        np.asarray(bild_jax.greedy_generate(half.replace(params=jax.tree_util.tree_map(
+            lambda p: p.astype(jnp.float32), half.params)), prompts, max_new_tokens=8, eos_token_id=[]).tokens))
+
+
 def test_gradients_are_xla_dots():
     x, w = _operands(3, seed=1)
 

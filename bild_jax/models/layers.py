@@ -17,7 +17,8 @@ from bild_jax.errors import Unsupported
 
 
 # Every weight product of the families: on CPU, decode steps run them in bild-jax's native kernel.
-Dense = functools.partial(nn.Dense, dot_general=cpu_matmul.dense_dot_general)
+Dense = functools.partial(nn.Dense, dot_general=cpu_matmul.dense_dot_general,
+                          promote_dtype=cpu_matmul.promote_dtype)
 
 
 def attend(table: nn.Embed, h: jax.Array) -> jax.Array:

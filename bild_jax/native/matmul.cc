@@ -8,6 +8,8 @@
 //
 //   bild_matmul:            y[M, N] = x[M, K] @ w[K, N]   (Dense kernels)
 //   bild_matmul_transposed: y[M, N] = x[M, K] @ w[N, K]^T (tied embedding tables used as the output layer)
+// x and y are float32; w is float32 or bfloat16 (widened exactly to float32 as it is read: half the bytes
+// of a float32 copy, and the same sums).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -24,59 +26,70 @@ constexpr int64_t kRows = 8;    // rows of w summed per pass over y, so y is rea
 constexpr int64_t kTile = 256;  // columns per tile when several x rows reuse a block of w from L1
 constexpr int64_t kLanes = 16;  // partial sums of a transposed dot product, added in a fixed order
 
+inline float Widen(float w) { return w; }
+inline float Widen(uint16_t w) {  // bfloat16 is the top half of a float32
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+template <typename W>
 struct Product {
   const float* x;
-  const float* w;
+  const W* w;
   float* y;
   int64_t m, k, n;
 };
 
 // out[M, N] = x[:, k0:k1] @ w[k0:k1, :].
-void RowsProduct(const Product& p, int64_t k0, int64_t k1, float* __restrict out) {
+template <typename W>
+void RowsProduct(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
   const int64_t tile = p.m == 1 ? p.n : kTile;  // one row: stream w in order
   std::memset(out, 0, p.m * p.n * sizeof(float));
   for (int64_t t0 = 0; t0 < p.n; t0 += tile) {
     const int64_t width = std::min(tile, p.n - t0);
     int64_t kk = k0;
     for (; kk + kRows <= k1; kk += kRows) {
-      const float* __restrict w0 = p.w + kk * p.n + t0;
-      const float* __restrict w1 = w0 + p.n;
-      const float* __restrict w2 = w1 + p.n;
-      const float* __restrict w3 = w2 + p.n;
-      const float* __restrict w4 = w3 + p.n;
-      const float* __restrict w5 = w4 + p.n;
-      const float* __restrict w6 = w5 + p.n;
-      const float* __restrict w7 = w6 + p.n;
+      const W* __restrict w0 = p.w + kk * p.n + t0;
+      const W* __restrict w1 = w0 + p.n;
+      const W* __restrict w2 = w1 + p.n;
+      const W* __restrict w3 = w2 + p.n;
+      const W* __restrict w4 = w3 + p.n;
+      const W* __restrict w5 = w4 + p.n;
+      const W* __restrict w6 = w5 + p.n;
+      const W* __restrict w7 = w6 + p.n;
       for (int64_t r = 0; r < p.m; ++r) {
         const float* x = p.x + r * p.k + kk;
         float* __restrict y = out + r * p.n + t0;
         for (int64_t j = 0; j < width; ++j)
-          y[j] += x[0] * w0[j] + x[1] * w1[j] + x[2] * w2[j] + x[3] * w3[j] + x[4] * w4[j] + x[5] * w5[j] +
-                  x[6] * w6[j] + x[7] * w7[j];
+          y[j] += x[0] * Widen(w0[j]) + x[1] * Widen(w1[j]) + x[2] * Widen(w2[j]) + x[3] * Widen(w3[j]) + x[4] * Widen(w4[j]) + x[5] * Widen(w5[j]) +
+                  x[6] * Widen(w6[j]) + x[7] * Widen(w7[j]);
       }
     }
     for (; kk < k1; ++kk) {
-      const float* __restrict w = p.w + kk * p.n + t0;
+      const W* __restrict w = p.w + kk * p.n + t0;
       for (int64_t r = 0; r < p.m; ++r) {
         const float x = p.x[r * p.k + kk];
         float* __restrict y = out + r * p.n + t0;
-        for (int64_t j = 0; j < width; ++j) y[j] += x * w[j];
+        for (int64_t j = 0; j < width; ++j) y[j] += x * Widen(w[j]);
       }
     }
   }
 }
 
 // y[:, n0:n1] = x @ w[n0:n1, :]^T: one dot product of length K per output, w's rows read in order.
-void TransposedProduct(const Product& p, int64_t n0, int64_t n1) {
+template <typename W>
+void TransposedProduct(const Product<W>& p, int64_t n0, int64_t n1) {
   for (int64_t col = n0; col < n1; ++col) {
-    const float* __restrict w = p.w + col * p.k;
+    const W* __restrict w = p.w + col * p.k;
     for (int64_t r = 0; r < p.m; ++r) {
       const float* __restrict x = p.x + r * p.k;
       float lanes[kLanes] = {};
       int64_t d = 0;
       for (; d + kLanes <= p.k; d += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[d + l] * w[d + l];
-      for (int64_t l = 0; d < p.k; ++d, ++l) lanes[l] += x[d] * w[d];
+        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[d + l] * Widen(w[d + l]);
+      for (int64_t l = 0; d < p.k; ++d, ++l) lanes[l] += x[d] * Widen(w[d]);
       float sum = 0.0f;
       for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
       p.y[r * p.n + col] = sum;
@@ -108,21 +121,23 @@ int64_t ChunkCount(ffi::ThreadPool& pool, int64_t units) {
   return std::max<int64_t>(1, std::min<int64_t>(4 * std::max<int64_t>(pool.num_threads(), 1), units));
 }
 
-ffi::Error Rows(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w, bool transposed, Product* p) {
+template <ffi::DataType T>
+ffi::Error Shapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<T>& w, bool transposed,
+                  Product<ffi::NativeType<T>>* p) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (wd.size() != 2 || xd.size() < 1 || xd.back() != (transposed ? wd[1] : wd[0]))
     return ffi::Error::InvalidArgument("bild_matmul: x [..., K] and w [K, N] (or [N, K] transposed) expected");
   int64_t m = 1;
   for (size_t i = 0; i + 1 < xd.size(); ++i) m *= xd[i];
-  *p = Product{x.typed_data(), w.typed_data(), nullptr, m, xd.back(), transposed ? wd[0] : wd[1]};
+  *p = {x.typed_data(), w.typed_data(), nullptr, m, xd.back(), transposed ? wd[0] : wd[1]};
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  Product p;
-  if (ffi::Error error = Rows(x, w, false, &p); error.failure()) return error;
+template <ffi::DataType T>
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
+  Product<ffi::NativeType<T>> p;
+  if (ffi::Error error = Shapes(x, w, false, &p); error.failure()) return error;
   p.y = y->typed_data();
   // Chunks of w's rows, each summed into its own partial (chunk 0 straight into y), then added in order.
   const int64_t chunks = ChunkCount(pool, p.k / (4 * kRows));
@@ -140,10 +155,11 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                                ffi::ResultBuffer<ffi::F32> y) {
-  Product p;
-  if (ffi::Error error = Rows(x, w, true, &p); error.failure()) return error;
+template <ffi::DataType T>
+ffi::Error MatmulTransposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                            ffi::ResultBuffer<ffi::F32> y) {
+  Product<ffi::NativeType<T>> p;
+  if (ffi::Error error = Shapes(x, w, true, &p); error.failure()) return error;
   p.y = y->typed_data();
   const int64_t chunks = ChunkCount(pool, p.n / 64);
   const int64_t cols = (p.n + chunks - 1) / chunks;
@@ -156,16 +172,10 @@ ffi::Error MatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmul, MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define BILD_BINDING(T)                                                                                  \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmulTransposed, MatmulTransposedImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmul, Matmul<ffi::F32>, BILD_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmulBf16, Matmul<ffi::BF16>, BILD_BINDING(ffi::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmulTransposed, MatmulTransposed<ffi::F32>, BILD_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmulTransposedBf16, MatmulTransposed<ffi::BF16>, BILD_BINDING(ffi::BF16));
