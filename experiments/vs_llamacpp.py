@@ -20,8 +20,10 @@ Systems, all greedy, batch 1, on the first --num-prompts held-out demo prompts (
 Timing: each bild-jax system first makes one call (compilation, reported apart); then, --repeats times, every
 prompt is run by every system in turn (so a machine getting slower mid-run slows all systems alike, and
 each pair runs back to back). llama.cpp's time is its own prompt eval + generation time (model load
-excluded: one process per call) and its own token count; bild-jax's is the wall time of the call up to
-`jax.block_until_ready`, prefill included. Tokens count up to and including EOS; llama-speculative-simple
+excluded: one process per call; its default warm-up decode runs before its timer starts) and its own token
+count; bild-jax's is the wall time of the call up to `jax.block_until_ready`, prefill included, after an
+untimed call on the same prompt (its warm-up: the llama.cpp process before it leaves caches, thread pools and
+clocks cold). Tokens count up to and including EOS; llama-speculative-simple
 overshoots the requested count by up to n_max + 1 tokens, all counted as its own. Per call: seconds per
 generated token; per system: median tokens/s and the spread over prompts x repeats; per pair: per prompt, the
 median over repeats of the back-to-back ratio (bild-jax tokens/s / llama.cpp tokens/s), then its median and
@@ -97,6 +99,9 @@ class System:
 def jax_system(name: str, generate: Callable, max_new_tokens: int) -> System:
     """A bild-jax system from `generate([prompt ids])` returning a greedy or BiLD output."""
     def call(ids: list[int]) -> Call:
+        # Untimed first, as llama.cpp runs a warm-up decode of its own (its default) between loading and
+        # its timed run: after the other system's process, caches, thread pools and clocks are cold.
+        timed(generate, [ids])
         out, seconds = timed(generate, [ids])
         n = int(out.lengths[0])
         tokens = np.asarray(out.tokens)[0, :n].tolist()
@@ -250,7 +255,8 @@ def markdown(data: dict) -> str:
         f"{a['num_prompts']} held-out demo prompts (64 tokens), {a['max_new_tokens']} new tokens, batch 1, greedy; "
         f"speculative: n-max / max_draft {a['n_max']}, p-min / fallback_threshold {a['p_min']}. Each prompt run "
         f"by every system in turn, {a['repeats']} repeats; bild-jax compiled first. llama.cpp: its own prompt "
-        "eval + generation time (load excluded); bild-jax: the wall time of the call, prefill included. "
+        "eval + generation time (load and its warm-up decode excluded); bild-jax: the wall time of the call, "
+        "prefill included, after an untimed warm-up call on the same prompt. "
         "Spread: interquartile range (min-max).\n",
         "## Systems\n",
         harness.markdown_table(
