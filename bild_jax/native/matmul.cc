@@ -23,7 +23,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kRows = 8;    // rows of w summed per pass over y, so y is read and written K/8 times
-constexpr int64_t kTile = 256;  // columns per tile when several x rows reuse a block of w from L1
 constexpr int64_t kLanes = 16;  // partial sums of a transposed dot product, added in a fixed order
 
 inline float Widen(float w) { return w; }
@@ -42,38 +41,35 @@ struct Product {
   int64_t m, k, n;
 };
 
-// out[M, N] = x[:, k0:k1] @ w[k0:k1, :].
+// out[M, N] = x[:, k0:k1] @ w[k0:k1, :], w's rows read in order, 8 at a time; the x rows after the first
+// find those 8 rows in cache.
 template <typename W>
 void RowsProduct(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
-  const int64_t tile = p.m == 1 ? p.n : kTile;  // one row: stream w in order
   std::memset(out, 0, p.m * p.n * sizeof(float));
-  for (int64_t t0 = 0; t0 < p.n; t0 += tile) {
-    const int64_t width = std::min(tile, p.n - t0);
-    int64_t kk = k0;
-    for (; kk + kRows <= k1; kk += kRows) {
-      const W* __restrict w0 = p.w + kk * p.n + t0;
-      const W* __restrict w1 = w0 + p.n;
-      const W* __restrict w2 = w1 + p.n;
-      const W* __restrict w3 = w2 + p.n;
-      const W* __restrict w4 = w3 + p.n;
-      const W* __restrict w5 = w4 + p.n;
-      const W* __restrict w6 = w5 + p.n;
-      const W* __restrict w7 = w6 + p.n;
-      for (int64_t r = 0; r < p.m; ++r) {
-        const float* x = p.x + r * p.k + kk;
-        float* __restrict y = out + r * p.n + t0;
-        for (int64_t j = 0; j < width; ++j)
-          y[j] += x[0] * Widen(w0[j]) + x[1] * Widen(w1[j]) + x[2] * Widen(w2[j]) + x[3] * Widen(w3[j]) + x[4] * Widen(w4[j]) + x[5] * Widen(w5[j]) +
-                  x[6] * Widen(w6[j]) + x[7] * Widen(w7[j]);
-      }
+  int64_t kk = k0;
+  for (; kk + kRows <= k1; kk += kRows) {
+    const W* __restrict w0 = p.w + kk * p.n;
+    const W* __restrict w1 = w0 + p.n;
+    const W* __restrict w2 = w1 + p.n;
+    const W* __restrict w3 = w2 + p.n;
+    const W* __restrict w4 = w3 + p.n;
+    const W* __restrict w5 = w4 + p.n;
+    const W* __restrict w6 = w5 + p.n;
+    const W* __restrict w7 = w6 + p.n;
+    for (int64_t r = 0; r < p.m; ++r) {
+      const float* x = p.x + r * p.k + kk;
+      float* __restrict y = out + r * p.n;
+      for (int64_t j = 0; j < p.n; ++j)
+        y[j] += x[0] * Widen(w0[j]) + x[1] * Widen(w1[j]) + x[2] * Widen(w2[j]) + x[3] * Widen(w3[j]) +
+                x[4] * Widen(w4[j]) + x[5] * Widen(w5[j]) + x[6] * Widen(w6[j]) + x[7] * Widen(w7[j]);
     }
-    for (; kk < k1; ++kk) {
-      const W* __restrict w = p.w + kk * p.n + t0;
-      for (int64_t r = 0; r < p.m; ++r) {
-        const float x = p.x[r * p.k + kk];
-        float* __restrict y = out + r * p.n + t0;
-        for (int64_t j = 0; j < width; ++j) y[j] += x * Widen(w[j]);
-      }
+  }
+  for (; kk < k1; ++kk) {
+    const W* __restrict w = p.w + kk * p.n;
+    for (int64_t r = 0; r < p.m; ++r) {
+      const float x = p.x[r * p.k + kk];
+      float* __restrict y = out + r * p.n;
+      for (int64_t j = 0; j < p.n; ++j) y[j] += x * Widen(w[j]);
     }
   }
 }
