@@ -10,39 +10,26 @@ shapes: float32 rows times a float32 or bfloat16 weight (widened exactly as it i
 reads half the bytes of its float32 copy and gets the same sums), a weight of at least `MIN_WEIGHT_BYTES`
 (smaller ones sit in cache, where XLA's dot is as fast), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and
 training batches are compute-bound), one CPU device (a sharded model keeps XLA's dot, which the SPMD
-partitioner splits). The kernel is compiled on first use with the machine's C++ compiler (`CXX`, else g++,
-c++ or clang++) and cached under `$BILD_JAX_CACHE` (default ~/.cache/bild_jax); without a compiler, or with
-`BILD_JAX_NATIVE_MATMUL=0`, every product stays XLA's. Differentiable: derivatives are XLA dots.
+partitioner splits), the kernels built (`native_library`). Differentiable: derivatives are XLA dots.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype as flax_promote_dtype
 from jax import lax
 
-from bild_jax.atomic import atomic_path
+from bild_jax import native_library
 
-SOURCE = Path(__file__).parent / "native" / "matmul.cc"
 MIN_WEIGHT_BYTES = 256 * 1024
 MAX_ROWS = 16
-# (transposed, weight dtype) -> (FFI target, symbol of the handler in the library)
-_TARGETS = {(False, "float32"): ("bild_matmul", "BildMatmul"),
-            (False, "bfloat16"): ("bild_matmul_bf16", "BildMatmulBf16"),
-            (True, "float32"): ("bild_matmul_transposed", "BildMatmulTransposed"),
-            (True, "bfloat16"): ("bild_matmul_transposed_bf16", "BildMatmulTransposedBf16")}
+# (transposed, weight dtype) -> FFI target (`native_library.TARGETS`)
+_TARGETS = {(False, "float32"): "bild_matmul", (False, "bfloat16"): "bild_matmul_bf16",
+            (True, "float32"): "bild_matmul_transposed", (True, "bfloat16"): "bild_matmul_transposed_bf16"}
 
 
 def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
@@ -82,19 +69,14 @@ def native_reads(weight: jax.Array, rows: int) -> bool:
     """Whether products of up to `rows` rows with the 2-D `weight` run in the native kernel."""
     return (weight.dtype in (jnp.float32, jnp.bfloat16) and 0 < rows <= MAX_ROWS
             and weight.size * weight.dtype.itemsize >= MIN_WEIGHT_BYTES
-            and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
-
-
-def available() -> bool:
-    """Whether the native kernel is enabled and built (builds it on first call)."""
-    return os.environ.get("BILD_JAX_NATIVE_MATMUL", "1") != "0" and _library() is not None
+            and native_library.on_cpu_device() and native_library.available())
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _native_product(x: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
     columns = weight.shape[0] if transposed else weight.shape[1]
-    call = jax.ffi.ffi_call(_TARGETS[transposed, jnp.dtype(weight.dtype).name][0], jax.ShapeDtypeStruct(x.shape[:-1] + (columns,), x.dtype),
-                            vmap_method="sequential")
+    call = jax.ffi.ffi_call(_TARGETS[transposed, jnp.dtype(weight.dtype).name],
+                            jax.ShapeDtypeStruct(x.shape[:-1] + (columns,), x.dtype), vmap_method="sequential")
     return call(x, weight)
 
 
@@ -107,47 +89,3 @@ def _native_product_jvp(transposed, primals, tangents):
 
     return _native_product(x, weight, transposed), (product(x_dot, weight) + product(x, weight_dot)
                                                    ).astype(jnp.float32)
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel with its FFI targets registered, or None (with one warning) if it cannot be built."""
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_build()))
-    except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"bild-jax: the native CPU matmul kernel is unavailable ({error}); decoding on CPU uses "
-                      f"XLA's dot, about 1.3x slower", RuntimeWarning, stacklevel=3)
-        return None
-    for target, symbol in _TARGETS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return library
-
-
-def _build() -> Path:
-    """Path of the shared library for this source, jaxlib and CPU, compiled now if not cached."""
-    compiler = os.environ.get("CXX") or next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)
-    if compiler is None:
-        raise OSError("no C++ compiler found (set CXX)")
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), jax.__version__, compiler, *flags, platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("BILD_JAX_CACHE", Path.home() / ".cache" / "bild_jax")) / "native"
-    library = cache / f"matmul-{key}.so"
-    if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with atomic_path(library) as partial:
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
-                                  text=True, timeout=300)
-            if done.returncode != 0:
-                raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-    return library
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (Linux), so that a cache shared between machines never runs code built for
-    another CPU (`-march=native`)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return ""

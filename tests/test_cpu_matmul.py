@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import bild_jax
-from bild_jax import cpu_matmul
+from bild_jax import cpu_matmul, native_library
 from bild_jax.bild import BiLDConfig, bild_generate
 
 
@@ -23,7 +23,7 @@ def _dense(a, w):
 # weight (1.1 MB) is above MIN_WEIGHT_BYTES.
 K, N = 389, 700
 
-pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="no C++ compiler for the native kernel")
+pytestmark = pytest.mark.skipif(not native_library.available(), reason="no C++ compiler for the native kernel")
 
 
 def _operands(rows: int, seed: int = 0):

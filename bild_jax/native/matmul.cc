@@ -16,11 +16,15 @@
 #include <cstring>
 #include <vector>
 
+#include "threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using bild::ChunkCount;
+using bild::InChunks;
 
 constexpr int64_t kRows = 8;    // rows of w summed per pass over y, so y is read and written K/8 times
 constexpr int64_t kLanes = 16;  // partial sums of a transposed dot product, added in a fixed order
@@ -91,30 +95,6 @@ void TransposedProduct(const Product<W>& p, int64_t n0, int64_t n1) {
       p.y[r * p.n + col] = sum;
     }
   }
-}
-
-// Runs run(chunk) for chunk in [0, chunks) on the calling thread and up to threads - 1 pool threads.
-template <typename Run>
-void InChunks(ffi::ThreadPool& pool, int64_t chunks, Run run) {
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), chunks) - 1;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> running{helpers};
-  auto work = [&] {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) run(c);
-  };
-  for (int64_t i = 0; i < helpers; ++i)
-    pool.Schedule([&] {
-      work();
-      running.fetch_sub(1, std::memory_order_acq_rel);
-    });
-  work();
-  // The helpers hold references to this frame until they are done.
-  while (running.load(std::memory_order_acquire) != 0) {
-  }
-}
-
-int64_t ChunkCount(ffi::ThreadPool& pool, int64_t units) {
-  return std::max<int64_t>(1, std::min<int64_t>(4 * std::max<int64_t>(pool.num_threads(), 1), units));
 }
 
 template <ffi::DataType T>

@@ -1,0 +1,57 @@
+"""Attention of decode steps on CPU through bild-jax's native kernel (`native/attention.cc`).
+
+XLA:CPU computes a decode step's attention as two small batched products (scores, then the weighted sum of
+the values) whose fixed cost per call, not their arithmetic, is most of their time. The kernel does one
+query's whole attention in one pass and visits its keys in position order, so a token's output is bitwise
+the same in a one-token step and in a verification block (exact mode's guarantee).
+
+Used at trace time where it applies: float32 queries, keys and values, no score bias or soft-cap (T5's
+relative bias and Gemma 2's caps stay XLA's), blocks of at most `MAX_WIDTH` tokens (decode steps and
+verification blocks; prompt passes and training batches are wide and compute-bound), one CPU device, the
+kernels built (`native_library`). Differentiable: derivatives are those of `reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bild_jax import native_library
+
+MAX_WIDTH = 16
+
+
+def applies(query: jax.Array, keys: tuple, values: tuple, width: int) -> bool:
+    """Whether attention of `width` queries over these segments runs in the native kernel (static)."""
+    arrays = (query, *keys, *values)
+    return (width <= MAX_WIDTH and all(a.dtype == jnp.float32 for a in arrays)
+            and native_library.on_cpu_device() and native_library.available())
+
+
+def attention(query: jax.Array, keys: tuple, values: tuple, mask: jax.Array, scale: float,
+              reference: Callable) -> jax.Array:
+    """softmax(scale * query . keys, masked) . values in the native kernel.
+
+    query [B, K, H, D] float32; keys, values: tuples of head-major [B, Hkv, S_i, D] float32 segments; mask
+    [B, K, sum S_i] bool. `reference(query, keys, values, mask)` computes the same in XLA; its derivatives are
+    the kernel's. Returns [B, K, H, D] float32.
+    """
+    return _native(scale, reference, query, keys, values, mask)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _native(scale, reference, query, keys, values, mask):
+    segments = [array for pair in zip(keys, values) for array in pair]
+    call = jax.ffi.ffi_call("bild_attention", jax.ShapeDtypeStruct(query.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(query, mask, *segments, scale=np.float32(scale))
+
+
+@_native.defjvp
+def _native_jvp(scale, reference, primals, tangents):
+    _, tangent = jax.jvp(reference, primals, tangents)
+    return _native(scale, reference, *primals), tangent

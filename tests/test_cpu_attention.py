@@ -1,0 +1,106 @@
+"""The native CPU kernel for decode-step attention: values, a token's output bitwise the same in a step and
+in a block, gradients, and when it is used."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bild_jax import cpu_attention, native_library
+from bild_jax.cache import attended_positions
+from bild_jax.models import layers
+
+pytestmark = pytest.mark.skipif(not native_library.available(), reason="no C++ compiler for the native kernels")
+
+B, H, HKV, D, S = 2, 6, 2, 40, 37  # D not a multiple of the kernel's 16 lanes
+SCALE = D ** -0.5
+
+
+def _normal(rng, shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def _block(width: int, lengths, seed: int = 0):
+    """A query block, a cache with its own segment, and the decode mask of `width` tokens at `lengths`."""
+    rng = np.random.default_rng(seed)
+    query = _normal(rng, (B, width, H, D))
+    keys = (_normal(rng, (B, HKV, S, D)), _normal(rng, (B, HKV, width, D)))
+    values = (_normal(rng, (B, HKV, S, D)), _normal(rng, (B, HKV, width, D)))
+    return query, keys, values, attended_positions(jnp.asarray(lengths, jnp.int32), S, width)[1]
+
+
+def _native(query, keys, values, mask):
+    assert cpu_attention.applies(query, keys, values, query.shape[1])
+    return jax.jit(lambda *a: layers.attention(*a, scale=SCALE))(query, keys, values, mask)
+
+
+def _float64_reference(query, keys, values, mask) -> np.ndarray:
+    q = np.asarray(query, np.float64)
+    k = np.concatenate([np.asarray(x, np.float64) for x in keys], axis=2).repeat(H // HKV, axis=1)
+    v = np.concatenate([np.asarray(x, np.float64) for x in values], axis=2).repeat(H // HKV, axis=1)
+    scores = np.einsum("bkhd,bhsd->bhks", q, k) * SCALE
+    scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhks,bhsd->bkhd", probs, v)
+
+
+@pytest.mark.parametrize("width", [1, 5])
+def test_matches_float64_attention(width):
+    block = _block(width, [0, 30])  # a row with an empty cache sees only its block
+    np.testing.assert_allclose(_native(*block), _float64_reference(*block), rtol=1e-5, atol=1e-5)
+
+
+def test_token_in_a_block_equals_its_one_token_step_bitwise():
+    query, keys, values, mask = _block(4, [9, 30])
+    in_block = _native(query, keys, values, mask)
+    # The block's tokens 0..2 already in the cache at each row's cursor; token 3 alone.
+    lengths = np.array([9, 30])
+    cached = [np.array(x) for x in (keys[0], values[0])]
+    for row, start in enumerate(lengths):
+        cached[0][row, :, start:start + 3] = keys[1][row, :, :3]
+        cached[1][row, :, start:start + 3] = values[1][row, :, :3]
+    step_mask = attended_positions(jnp.asarray(lengths + 3, jnp.int32), S, 1)[1]
+    step = _native(query[:, 3:], (jnp.asarray(cached[0]), keys[1][:, :, 3:]),
+                   (jnp.asarray(cached[1]), values[1][:, :, 3:]), step_mask)
+    assert (np.asarray(step[:, 0]) == np.asarray(in_block[:, 3])).all()
+
+
+def test_sliding_window_mask_and_a_query_that_sees_nothing():
+    query, keys, values, mask = _block(3, [20, 30])
+    positions, key_positions = jnp.asarray([[20, 21, 22], [30, 31, 32]]), attended_positions(
+        jnp.asarray([20, 30]), S, 3)[0]
+    window = layers.sliding_window_mask(mask, positions, key_positions, 4)
+    np.testing.assert_allclose(_native(query, keys, values, window),
+                               _float64_reference(query, keys, values, window), rtol=1e-5, atol=1e-5)
+    blind = window.at[0, 1].set(False)  # a padding query: zeros, not NaN
+    assert (np.asarray(_native(query, keys, values, blind))[0, 1] == 0).all()
+
+
+def test_gradients_are_xla_attentions():
+    query, keys, values, mask = _block(2, [5, 11])
+
+    def loss(attend):
+        return lambda q, k, v: (attend(q, k, v, mask, scale=SCALE) ** 2).sum()
+
+    native = jax.grad(loss(layers.attention), argnums=(0, 1, 2))(query, keys, values)
+    xla = jax.grad(loss(layers._xla_attention), argnums=(0, 1, 2))(query, keys, values)
+    for got, want in zip(jax.tree.leaves(native), jax.tree.leaves(xla)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_xla_keeps_wide_half_precision_and_biased_attention():
+    query, keys, values, mask = _block(2, [5, 11])
+    assert not cpu_attention.applies(query, keys, values, cpu_attention.MAX_WIDTH + 1)
+    half = tuple(k.astype(jnp.bfloat16) for k in keys)
+    assert not cpu_attention.applies(query.astype(jnp.bfloat16), half, half, 2)
+
+    def primitives(**kwargs):
+        jaxpr = jax.make_jaxpr(lambda q: layers.attention(q, keys, values, mask, **kwargs))(query)
+        return {str(eqn.primitive) for eqn in jaxpr.eqns}
+
+    assert "custom_jvp_call" in primitives(scale=SCALE)
+    assert "custom_jvp_call" not in primitives(scale=SCALE, score_cap=50.0)
+    assert "custom_jvp_call" not in primitives(bias=jnp.zeros((1, H, 2, S + 2)))
