@@ -25,7 +25,7 @@ from jax import lax
 
 from bild_jax import native_library
 
-MIN_WEIGHT_BYTES = 256 * 1024
+MIN_WEIGHT_BYTES = 128 * 1024
 MAX_ROWS = 16
 # (transposed, weight dtype) -> FFI target (`native_library.TARGETS`)
 _TARGETS = {(False, "float32"): "bild_matmul", (False, "bfloat16"): "bild_matmul_bf16",
