@@ -28,8 +28,9 @@ from bild_jax import sharding
 
 MESHES = ((8, 1), (1, 8), (2, 4), (4, 2))  # (data, model)
 N = 8
+# BiLD's own loop: the built-in table would hand the 8 prompts below to the large model alone on a CPU.
 CONFIG = bild_jax.BiLDConfig(max_new_tokens=N, max_draft=3, fallback_threshold=0.4, rollback_threshold=1.0,
-                             eos_token_id=[])
+                             eos_token_id=[], schedule=bild_jax.BatchSchedule())
 # One parameter per logical axis and family, to show that sharding really happened.
 PROBES = {"llama": {"heads": ("layers_0", "self_attn", "q_proj", "kernel"),
                     "kv_heads": ("layers_0", "self_attn", "k_proj", "kernel"),

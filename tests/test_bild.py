@@ -16,6 +16,8 @@ from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.schedule import BatchSchedule
 
 N = 16  # max_new_tokens everywhere, so that tests share compiled programs
+# The tests' batches of 4 rows name their schedule: under the built-in table (schedule None) a CPU decodes
+# them with the large model alone, where every BiLD property would hold trivially.
 
 
 def _prompts(vocab: int, lengths=(3, 9, 1, 6), seed: int = 0) -> list[list[int]]:
@@ -50,7 +52,7 @@ def test_exact_mode_equals_large_greedy(bild_pair, kind, max_draft):
     eos = _eos_from(np.asarray(greedy.tokens))
     for eos_ids in ([], eos):
         config = BiLDConfig(max_new_tokens=N, max_draft=max_draft, fallback_threshold=0.3, exact=True,
-                            eos_token_id=eos_ids)
+                            eos_token_id=eos_ids, schedule=BatchSchedule())
         out = bild_generate(small, large, prompts, config)
         expected = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=eos_ids)
         np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(expected.lengths))
@@ -81,7 +83,8 @@ def test_fallback_threshold_one_hands_every_token_to_the_large_model(bild_pair):
     small, large = bild_pair("llama")
     prompts = _prompts(large.vocab_size)
     out = bild_generate(small, large, prompts, BiLDConfig(max_new_tokens=N, max_draft=3, fallback_threshold=1.0,
-                                                          rollback_threshold=np.inf, eos_token_id=[]))
+                                                          rollback_threshold=np.inf, eos_token_id=[],
+                                                          schedule=BatchSchedule()))
     greedy = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=[])
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
     np.testing.assert_array_equal(np.asarray(out.stats.small_tokens), 0)
@@ -121,7 +124,7 @@ def test_small_model_alone_when_large_never_intervenes(bild_pair):
 
 def test_no_recompilation_for_new_thresholds_prompts_or_eos(bild_pair):
     small, large = bild_pair("llama")
-    config = BiLDConfig(max_new_tokens=N, max_draft=3, eos_token_id=[])
+    config = BiLDConfig(max_new_tokens=N, max_draft=3, eos_token_id=[], schedule=BatchSchedule())
     bild_generate(small, large, _prompts(large.vocab_size, lengths=(3, 5, 1, 6), seed=1), config)
     compiled = bild._bild_decode_jit._cache_size()
     for seed, changes in enumerate([dict(fallback_threshold=0.2), dict(rollback_threshold=0.5, exact=True),
@@ -141,7 +144,8 @@ def test_random_settings_keep_the_invariants(bild_pair, fallback, rollback, max_
     small, large = bild_pair("llama")
     prompts = _prompts(large.vocab_size, lengths=lengths, seed=seed)
     config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_draft=max_draft,
-                        max_new_tokens=N, eos_token_id=eos, exact=exact, verify_tail=verify_tail)
+                        max_new_tokens=N, eos_token_id=eos, exact=exact, verify_tail=verify_tail,
+                        schedule=BatchSchedule())
     out = bild_generate(small, large, prompts, config)
     _check_invariants(out, config, bild_jax.generate.output_pad_id(large))
     greedy = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=eos)
@@ -161,7 +165,7 @@ def test_pure_decode_function_runs_inside_user_jit(bild_pair):
     small, large = bild_pair("llama")
     prompts, lengths = bild_jax.prompts.prepare_prompts(_prompts(large.vocab_size), vocab_size=large.vocab_size)
     decode = bild.make_bild_decode(small, large, max_new_tokens=N, max_draft=3)
-    config = BiLDConfig(max_new_tokens=N, max_draft=3, exact=True, eos_token_id=[])
+    config = BiLDConfig(max_new_tokens=N, max_draft=3, exact=True, eos_token_id=[], schedule=BatchSchedule())
     policy = bild.BiLDPolicy.from_config(config, bild_jax.prompts.eos_array(large, []))
     out = jax.jit(decode)(small.params, large.params, jnp.asarray(prompts), jnp.asarray(lengths), policy)
     expected = bild_generate(small, large, _prompts(large.vocab_size), config)

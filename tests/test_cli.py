@@ -57,7 +57,9 @@ def test_generate_json_has_text_tokens_and_stats(tmp_path, capsys):
         expected = bild_jax.greedy_generate(large, [tokenizer(line["prompt"])["input_ids"]], max_new_tokens=8)
         assert line["tokens"] == [int(t) for t in expected.tokens[0, :int(expected.lengths[0])]]
         assert line["text"] == tokenizer.decode(line["tokens"], skip_special_tokens=True)
-    # A schedule table that hands batches of 2 to the large model alone: the same tokens, and it says so.
+    # The built-in table runs BiLD's loop for 2 rows; a table that hands them to the large model alone gives
+    # the same tokens, and says so.
+    assert all(line["schedule"].startswith("BiLD") for line in lines)
     table = tmp_path / "schedule.json"
     ScheduleTable(entries=((1, BatchSchedule()), (2, BatchSchedule(large_only=True)))).save(table)
     assert cli.main(["generate", "--prompts-file", str(prompts), *SHORT, "--exact", "--json", "--schedule",

@@ -103,6 +103,15 @@ def test_large_only_schedule_decodes_with_the_large_model_alone(bild_pair, mode)
     assert np.asarray(out.from_large).sum() == np.asarray(out.lengths).sum()
 
 
+def test_without_a_schedule_a_call_runs_the_builtin_table_entry_for_its_rows(bild_pair):
+    """schedule None: the built-in table's entry for the call's number of rows (on a CPU, BiLD's loop for one
+    row and the large model alone for four)."""
+    small, large = bild_pair("llama")
+    prompts = _prompts(large.vocab_size)
+    for rows in (prompts[:1], prompts):
+        assert bild_generate(small, large, rows, _config()).schedule == default_schedules().for_batch(len(rows))
+
+
 def test_schedule_tables_pick_by_batch_size_and_round_trip(tmp_path):
     table = ScheduleTable(entries=((2, BatchSchedule(draft_limit=4)), (8, BatchSchedule(large_only=True))),
                           measured_on="test")
@@ -111,8 +120,12 @@ def test_schedule_tables_pick_by_batch_size_and_round_trip(tmp_path):
     assert ScheduleTable.load(tmp_path / "schedule.json") == table
     assert resolve(table, 9).large_only and resolve(BatchSchedule(draft_limit=2), 9).draft_limit == 2
     assert resolve(None, 1) == default_schedules().for_batch(1) == BatchSchedule()
-    # On this CPU no schedule beat greedy decoding from batch 16 on (see schedule.CPU_SCHEDULES).
-    assert default_schedules("cpu").for_batch(16).large_only and not default_schedules("gpu").for_batch(16).large_only
+    # On this CPU no schedule beat greedy decoding from batch 4 on; 2 and 3 rows keep batch 1's schedule (see
+    # schedule.CPU_SCHEDULES).
+    cpu = default_schedules("cpu")
+    assert cpu.entries == ((1, BatchSchedule()), (4, BatchSchedule(large_only=True)))
+    assert [cpu.for_batch(b).large_only for b in (1, 2, 3, 4, 16, 64)] == [False] * 3 + [True] * 3
+    assert not default_schedules("gpu").for_batch(16).large_only
     policy = bild.BiLDPolicy.from_config(_config(schedule=table), bild_jax.prompts.eos_array(None, []), 2)
     assert int(policy.draft_limit) == 4 and int(policy.max_wait) == MAX_DRAFT + 1
 
