@@ -55,15 +55,22 @@ def sample_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, e
         positions = jnp.full((batch,), position, jnp.int32)
         return sample(keys, positions, TOKEN, process_logits(logits, params), params)
 
-    def cond(state: GenerateState):
-        return (state.step < max_new_tokens) & ~state.done.all()
-
-    def body(state: GenerateState) -> GenerateState:
+    def write(state: GenerateState) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """The drawn token into the output of every live row: (token, tokens, lengths, done)."""
         token = state.next_token
         live = ~state.done
-        tokens = state.tokens.at[:, state.step].set(jnp.where(live, token, pad_token_id))
-        lengths = state.lengths + live
-        done = state.done | is_eos(token, eos_ids) | (lengths >= max_new_tokens)
+        tokens = state.tokens.at[:, state.step].set(jnp.where(live, token, pad_token_id))     # [B, N]
+        lengths = state.lengths + live                                                     # [B]
+        return token, tokens, lengths, state.done | is_eos(token, eos_ids) | (lengths >= max_new_tokens)
+
+    # The loop writes tokens 0 .. N-2 and decodes after each; token N-1 is written after the loop, so that no
+    # step computes logits nobody reads.
+    def cond(state: GenerateState):
+        return (state.step < max_new_tokens - 1) & ~state.done.all()
+
+    def body(state: GenerateState) -> GenerateState:
+        token, tokens, lengths, done = write(state)
+        live = ~state.done
         logits, block = model.decode_block(token[:, None], state.cache)                    # [B, 1, V]
         next_token = draw(logits[:, 0], state.step + 1)                                    # [B]
         # Finished rows keep their cursor so that they never write past their own slots.
@@ -80,7 +87,8 @@ def sample_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, e
         step=jnp.zeros((), jnp.int32),
     )
     state = lax.while_loop(cond, body, state)
-    return GenerateOutput(tokens=state.tokens, lengths=state.lengths)
+    _, tokens, lengths, _ = write(state)  # rows already done write nothing
+    return GenerateOutput(tokens=tokens, lengths=lengths)
 
 
 def greedy_decode(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, eos_ids: jax.Array,
