@@ -137,13 +137,14 @@ class BiLDPolicy:
         sampling = SamplingParams.create(config.temperature, config.top_k, config.top_p)
         schedule = resolve(config.schedule, batch_size)
         draft_limit, max_wait = traced_limits(schedule, config.max_draft)
-        return cls(fallback_threshold=jnp.float32(config.fallback_threshold),
-                   rollback_threshold=jnp.float32(config.rollback_threshold),
-                   rule=policies.rule_id(jnp.bool_(config.exact), sampling.sampled),
-                   verify_tail=jnp.bool_(config.verify_tail or config.exact), eos_ids=eos_ids, sampling=sampling,
-                   draft_limit=jnp.int32(draft_limit),
-                   wait_fraction=jnp.float32(schedule.wait_fraction),
-                   max_wait=jnp.int32(max_wait))
+        # numpy scalars: the loop traces them all the same, and building them costs no device dispatch.
+        return cls(fallback_threshold=np.float32(config.fallback_threshold),
+                   rollback_threshold=np.float32(config.rollback_threshold),
+                   rule=policies.rule_id(config.exact, config.temperature > 0),
+                   verify_tail=np.bool_(config.verify_tail or config.exact), eos_ids=eos_ids, sampling=sampling,
+                   draft_limit=np.int32(draft_limit),
+                   wait_fraction=np.float32(schedule.wait_fraction),
+                   max_wait=np.int32(max_wait))
 
 
 @struct.dataclass

@@ -49,7 +49,7 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"bild-jax: the native CPU kernels are unavailable ({error}); decoding on CPU uses "
-                      f"XLA's operations, about 1.5x slower", RuntimeWarning, stacklevel=3)
+                      f"XLA's operations, about 1.9x slower per step", RuntimeWarning, stacklevel=3)
         return None
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")

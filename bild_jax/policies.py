@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from bild_jax.reductions import argmax, log_normalizer
@@ -54,9 +55,9 @@ class Verdict:
     replacement: jax.Array  # [B, V] float32 logits of the distribution to redraw that token from
 
 
-def rule_id(exact: jax.Array, sampled: jax.Array) -> jax.Array:
-    """[] int32 index into RULES for the traced settings."""
-    return jnp.where(exact, jnp.where(sampled, SPECULATIVE, EXACT_GREEDY), BILD).astype(jnp.int32)
+def rule_id(exact: bool, sampled: bool) -> np.int32:
+    """The index into RULES for these settings, passed to the loop as a traced [] int32."""
+    return np.int32((SPECULATIVE if sampled else EXACT_GREEDY) if exact else BILD)
 
 
 def first_rollback(large_logits: jax.Array, drafts: jax.Array, num_drafts: jax.Array, rollback_threshold: jax.Array,

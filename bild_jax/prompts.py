@@ -95,7 +95,7 @@ def eos_array(model: Model, eos_token_id: int | Sequence[int] | None) -> jax.Arr
         raise InputError(f"at most {MAX_EOS_IDS} eos_token_id values are supported, got {eos.size}")
     if eos.size and not ((eos >= 0) & (eos < model.vocab_size)).all():
         raise InputError(f"eos_token_id {eos.tolist()} outside the vocabulary [0, {model.vocab_size})")
-    return jnp.asarray(np.pad(eos, (0, MAX_EOS_IDS - eos.size), constant_values=-1), jnp.int32)
+    return np.pad(eos, (0, MAX_EOS_IDS - eos.size), constant_values=-1).astype(np.int32)
 
 
 def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 
@@ -58,7 +59,7 @@ class SamplingParams:
     def create(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> "SamplingParams":
         """Checked settings; the defaults are greedy decoding."""
         check_sampling(temperature, top_k, top_p)
-        return cls(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p))
+        return cls(temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p))
 
     @property
     def sampled(self) -> jax.Array:

@@ -3,6 +3,10 @@ used, and models decoding through it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,6 +120,22 @@ def test_xla_keeps_what_the_kernel_does_not_speed_up(monkeypatch):
     assert not cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w))
     np.testing.assert_allclose(np.asarray(_dense(x[:1], w)), x[:1] @ w, rtol=1e-4,
                                atol=1e-3)
+
+
+def test_without_a_compiler_one_warning_and_xla_computes(tmp_path):
+    """No C++ compiler (and an empty kernel cache): one RuntimeWarning, then XLA's dot and attention."""
+    script = ("import warnings, jax.numpy as jnp\n"
+              "from bild_jax import cpu_attention, cpu_matmul, native_library\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    first, second = native_library.available(), native_library.available()\n"
+              "x, w = jnp.ones((1, 256)), jnp.ones((256, 256))\n"
+              "print(first, second, len(caught), caught[0].category.__name__, 'unavailable' in str(caught[0].message),\n"
+              "      cpu_matmul.native_applies(x, w), cpu_attention.applies(jnp.ones((1, 1, 2, 8)), (), (), 1))\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "BILD_JAX_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False", "1", "RuntimeWarning", "True", "False", "False"]
 
 
 @pytest.fixture
