@@ -122,6 +122,23 @@ def test_xla_keeps_what_the_kernel_does_not_speed_up(monkeypatch):
                                atol=1e-3)
 
 
+def test_concurrent_products_finish():
+    """XLA runs independent products of one program at once on its intra-op threads. The kernel's helpers
+    are tasks on those same threads, so a caller that waited for helpers not yet started deadlocked when
+    every thread was such a caller (the T5 pair's BiLD loop hung so); run in a subprocess, as a hang."""
+    script = ("import jax, jax.numpy as jnp\n"
+              "from jax import lax\n"
+              "from bild_jax import cpu_matmul\n"
+              "ws = [jnp.full((256, 256), 1e-3 * i) for i in range(12)]\n"
+              "def body(i, x):\n"
+              "    ys = [cpu_matmul.dense_dot_general(x, w, (((1,), (0,)), ((), ()))) for w in ws]\n"
+              "    return x + 1e-6 * sum(ys)\n"
+              "x = jax.jit(lambda x: lax.fori_loop(0, 2000, body, x))(jnp.ones((1, 256)))\n"
+              "print(bool(jnp.isfinite(x).all()))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.split() == ["True"], done.stderr
+
+
 def test_without_a_compiler_one_warning_and_xla_computes(tmp_path):
     """No C++ compiler (and an empty kernel cache): one RuntimeWarning, then XLA's dot and attention."""
     script = ("import warnings, jax.numpy as jnp\n"
