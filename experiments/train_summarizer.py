@@ -6,8 +6,9 @@ Steps (each resumable; run from the repository root):
     python experiments/train_summarizer.py data --out runs/t5            # examples as token ids (~30 s)
     python experiments/train_summarizer.py train --size small --out runs/t5
     python experiments/train_summarizer.py train --size large --out runs/t5
-    python experiments/align.py --small runs/t5/small/hf --large runs/t5/large/hf --data runs/t5/align.txt ...
+    python experiments/train_summarizer.py align --out runs/t5           # bild_jax.align: runs/t5/small-aligned
     python experiments/train_summarizer.py bundle --out runs/t5          # copy into bild_jax/bundled/t5-*
+    python experiments/tune_summarizer.py                                # the small models' operating points
 
 Each size starts from transformers' own T5 initialisation (seeded), written as an HF directory in bfloat16
 (`OUT/SIZE/init`) and loaded with `bild_jax.load_model`; training (`bild_jax.finetune.fine_tune`: AdamW,
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pair_data  # noqa: E402
 import summarize_data  # noqa: E402
 
+from bild_jax import demo  # noqa: E402
 from bild_jax.align import Distillation, distillation_loss, training_arrays  # noqa: E402
 from bild_jax.export import save_like  # noqa: E402
 from bild_jax.finetune import batch_indices, fine_tune, write_history  # noqa: E402
@@ -52,6 +54,11 @@ SCHEDULES = {  # steps, batch size, peak learning rate
     "tiny": (30, 4, 3e-3),
 }
 BUNDLE_NAMES = {"large": "t5-large", "small": "t5-small", "small-aligned": "t5-small-aligned"}
+# Alignment (bild_jax.align): the large model's greedy summaries of this many training inputs (the last 64 held
+# out for its agreement report), then fine-tuning the small model on them.
+ALIGN_PROMPTS, ALIGN_STEPS, ALIGN_BATCH, ALIGN_LR = 4096, 600, 32, 1e-3
+DEMO_SAMPLES = 64  # held-out examples bundled for the demo; the rest tune the operating points
+TUNE_SAMPLES = Path("experiments/results/summarize_tune_samples.json")  # relative: profiles record it as given
 MIN_INPUT_WIDTH = 32  # batches are padded to a power of two >= this: a few compiled shapes, little padding
 
 
@@ -124,6 +131,30 @@ def train(size: str, out: Path, examples: list[dict], steps: int, tokenizer_dir:
     return save_like(model.replace(params=params), init_dir, run_dir / "hf")
 
 
+def align_small(out: Path, train_examples: list[dict], seed: int = 0) -> dict:
+    """Aligns the trained small model to the trained large one (`bild_jax.align.align`) on ALIGN_PROMPTS
+    training inputs in a seeded order, into `out/small-aligned/hf`; returns align's report."""
+    from bild_jax.align import align
+
+    order = np.random.default_rng(seed).permutation(len(train_examples))[:ALIGN_PROMPTS]
+    return align(out / "small" / "hf", out / "large" / "hf", [train_examples[i]["input"] for i in order],
+                 out / "small-aligned" / "hf", work_dir=out / "small-aligned", steps=ALIGN_STEPS,
+                 batch_size=ALIGN_BATCH, lr=ALIGN_LR, max_new_tokens=summarize_data.MAX_SUMMARY_TOKENS + 1,
+                 measure_speed=False)
+
+
+def write_samples(held_out: list[dict], demo_path: Path, tune_path: Path, seed: int = 0) -> None:
+    """Splits the held-out examples in a seeded order: the first DEMO_SAMPLES to `demo_path`, the rest to
+    `tune_path`, as demo-format JSON {"prompt": input ids, "continuation": summary ids (no EOS), "path",
+    "name"}, so that the demo does not score the inputs its operating points were tuned on."""
+    order = np.random.default_rng(seed).permutation(len(held_out))
+    samples = [{"prompt": held_out[i]["input"], "continuation": held_out[i]["target"][:-1],
+                "path": held_out[i]["path"], "name": held_out[i]["name"]} for i in order]
+    demo_path.write_text(json.dumps(samples[:DEMO_SAMPLES]))
+    tune_path.parent.mkdir(parents=True, exist_ok=True)
+    tune_path.write_text(json.dumps(samples[DEMO_SAMPLES:]))
+
+
 def load_examples(out: Path) -> tuple[list[dict], list[dict]]:
     """(training, held-out) encoded examples, built once and kept in `out/examples.json`."""
     cache = out / "examples.json"
@@ -141,7 +172,7 @@ def load_examples(out: Path) -> tuple[list[dict], list[dict]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["data", "train", "bundle"])
+    parser.add_argument("step", choices=["data", "train", "align", "bundle"])
     parser.add_argument("--out", type=Path, default=Path("runs/t5"))
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--steps", type=int, help="override the size's step count")
@@ -151,11 +182,14 @@ def main(argv=None) -> None:
         print(f"{len(train_examples)} training and {len(held_out)} held-out examples in {args.out / 'examples.json'}")
     elif args.step == "train":
         train(args.size, args.out, train_examples, args.steps or SCHEDULES[args.size][0])
+    elif args.step == "align":
+        align_small(args.out, train_examples)
     else:
         for name, bundled in BUNDLE_NAMES.items():
             target = BUNDLED_DIR / bundled
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(args.out / name / "hf", target)
+        write_samples(held_out, demo.SUMMARIZE_SAMPLES, TUNE_SAMPLES)
         print(f"bundled into {BUNDLED_DIR}")
 
 
