@@ -56,7 +56,7 @@ SCHEDULES = {  # steps, batch size, peak learning rate
 BUNDLE_NAMES = {"large": "t5-large", "small": "t5-small", "small-aligned": "t5-small-aligned"}
 # Alignment (bild_jax.align): the large model's greedy summaries of this many training inputs (the last 64 held
 # out for its agreement report), then fine-tuning the small model on them.
-ALIGN_PROMPTS, ALIGN_STEPS, ALIGN_BATCH, ALIGN_LR = 4096, 600, 32, 1e-3
+ALIGN_PROMPTS, ALIGN_STEPS, ALIGN_BATCH, ALIGN_LR = 4096, 400, 32, 1e-3
 DEMO_SAMPLES = 64  # held-out examples bundled for the demo; the rest tune the operating points
 TUNE_SAMPLES = Path("experiments/results/summarize_tune_samples.json")  # relative: profiles record it as given
 MIN_INPUT_WIDTH = 32  # batches are padded to a power of two >= this: a few compiled shapes, little padding
