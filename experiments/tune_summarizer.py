@@ -28,8 +28,8 @@ from bild_jax.profile import PROFILE_FILE, write_profile  # noqa: E402
 from bild_jax.tune import recommend, tune  # noqa: E402
 
 QUALITY_LOSS, FAST_LOSS = 1.0, 2.0
-FALLBACKS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
-ROLLBACKS = [2.0, 3.0, 5.0, float("inf")]
+FALLBACKS = [0.1, 0.2, 0.3, 0.4, 0.6]
+ROLLBACKS = [3.0, 5.0, float("inf")]
 MAX_NEW_TOKENS = 48
 LARGE = "bundled:t5-large"
 
