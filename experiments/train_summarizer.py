@@ -4,13 +4,17 @@
 Steps (each resumable; run from the repository root):
 
     python experiments/train_summarizer.py data --out runs/t5            # examples as token ids (~30 s)
-    python experiments/train_summarizer.py train --size small --out runs/t5
-    python experiments/train_summarizer.py train --size large --out runs/t5
+    python experiments/train_summarizer.py train --size small --steps 800 --out runs/t5
+    python experiments/train_summarizer.py train --size small --out runs/t5     # resumes at 800, to 1600
+    python experiments/train_summarizer.py train --size large --steps 800 --out runs/t5
+    python experiments/train_summarizer.py train --size large --out runs/t5     # resumes at 800, to 1400
     python experiments/train_summarizer.py align --out runs/t5           # bild_jax.align: runs/t5/small-aligned
     python experiments/train_summarizer.py bundle --out runs/t5          # copy into bild_jax/bundled/t5-*
     python experiments/tune_summarizer.py                                # the small models' operating points
 
-Each size starts from transformers' own T5 initialisation (seeded), written as an HF directory in bfloat16
+The bundled models were trained in those two phases each, on a shared 2-core CPU (small: ~25 + 10 min, large:
+~55 + 30 min, with pauses): the second phase restarts the cosine learning-rate schedule at step 800 (a warm
+restart), so one uninterrupted run would give a different model. Each size starts from transformers' own T5 initialisation (seeded), written as an HF directory in bfloat16
 (`OUT/SIZE/init`) and loaded with `bild_jax.load_model`; training (`bild_jax.finetune.fine_tune`: AdamW,
 warmup + cosine, orbax checkpoints in `OUT/SIZE/checkpoints`, resume) minimises the summary tokens'
 cross-entropy (`bild_jax.align.distillation_loss`, the same teacher-forced loss as alignment), and the result
@@ -49,8 +53,8 @@ SIZES = {
     "tiny": dict(d_model=32, d_kv=8, num_heads=2, d_ff=64, num_layers=1, num_decoder_layers=1),
 }
 SCHEDULES = {  # steps, batch size, peak learning rate
-    "small": (800, 32, 3e-3),
-    "large": (800, 32, 1.5e-3),
+    "small": (1600, 32, 3e-3),
+    "large": (1400, 32, 1.5e-3),
     "tiny": (30, 4, 3e-3),
 }
 BUNDLE_NAMES = {"large": "t5-large", "small": "t5-small", "small-aligned": "t5-small-aligned"}
