@@ -96,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "built-in table for this backend")
 
     demo = commands.add_parser("demo", help="offline demo on the bundled pair: speed, quality, token sources")
-    demo.add_argument("--num-prompts", type=int, default=64,
-                      help="held-out prompts to run, at most the 64 bundled (default %(default)s)")
+    demo.add_argument("--task", default="continue",
+                      help="continue: the decoder-only pair continues held-out code (default); summarize: the T5 "
+                           "pair summarizes held-out functions, in the BiLD paper's Table 1 shape")
+    demo.add_argument("--num-prompts", type=int,
+                      help="held-out inputs to run, at most the bundled ones (default: 64 for continue, 32 for "
+                           "summarize)")
     demo.add_argument("--max-new-tokens", type=int, default=48, help="(default %(default)s)")
     demo.add_argument("--json", type=Path, help="also write the table rows to this JSON file")
 
@@ -265,11 +269,16 @@ def run_generate(args) -> None:
 
 
 def run_demo(args) -> None:
-    from bild_jax.demo import run_demo as demo
+    from bild_jax.demo import TASKS, run_demo as demo, run_summarize_demo
 
-    if args.num_prompts < 1:
+    if args.task not in TASKS:
+        raise InputError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
+    if args.num_prompts is not None and args.num_prompts < 1:
         raise InputError("--num-prompts must be >= 1")
-    rows = demo(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
+    if args.task == "summarize":
+        rows = run_summarize_demo(num_prompts=args.num_prompts or 32, max_new_tokens=args.max_new_tokens)
+    else:
+        rows = demo(num_prompts=args.num_prompts or 64, max_new_tokens=args.max_new_tokens)
     if args.json:
         write_text_atomic(args.json, json.dumps(rows, indent=1))
 

@@ -1,4 +1,10 @@
-"""`bild-jax demo`: large-only, small-only and BiLD on held-out prompts, one table, one coloured sample."""
+"""`bild-jax demo`: large-only, small-only and BiLD on held-out inputs, one table, one coloured sample.
+
+Two tasks, each with its bundled pair: `continue` (the default: the decoder-only Llama pair continues held-out
+standard-library code) and `summarize` (the T5 pair writes the first docstring sentence of held-out
+standard-library functions, the BiLD paper's encoder-decoder setting, in its Table 1's shape: the large
+model's quality, then BiLD unaligned and aligned, each at a quality-preserving and a faster operating point).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +19,24 @@ from rich.text import Text
 
 from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.errors import InputError
-from bild_jax.evaluation import run_systems, summarize
+from bild_jax.evaluation import padded_shape, run_systems, summarize
 from bild_jax.generate import greedy_generate
-from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer
-from bild_jax.profile import find_profile
+from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer, resolve_model_dir
+from bild_jax.profile import find_profile, read_profile
 
 DEMO_PROMPTS = BUNDLED_DIR / "demo_prompts.json"
+SUMMARIZE_SAMPLES = BUNDLED_DIR / "summarize_samples.json"  # {"prompt": function ids, "continuation": summary ids}
+# Next to a small model, beside its quality-preserving `bild_pair.json`: the faster operating point, a profile
+# tuned with a larger allowed ROUGE-L loss (experiments/tune_summarizer.py).
+FAST_PROFILE_FILE = "bild_pair_fast.json"
+TASKS = ("continue", "summarize")
 _SAMPLE_FORM = '{"prompt": [token ids], "continuation": [token ids] (optional)}'
 COLUMNS = [("system", "system", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"), ("speedup", "speedup", "{:.2f}x"),
            ("exact_match", "= large", "{:.0%}"), ("rouge_l", "ROUGE-L", "{:.1f}"),
            ("fallback_rate", "fallback/tok", "{:.2f}"), ("rollback_rate", "rollback/tok", "{:.2f}"),
            ("large_calls_per_token", "large calls/tok", "{:.2f}")]
+SUMMARIZE_COLUMNS = (COLUMNS[:5] + [("rouge_l_change", "vs large", "{:+.1f}")] + COLUMNS[5:]
+                     + [("settings", "settings", "{}")])
 
 
 def load_demo_prompts(path: Path, count: int, with_continuation: bool = False) -> list[dict]:
@@ -91,7 +104,7 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
 
         runs = run_systems(systems, prompts, on_call=advance)
     rows = [summarize(run, runs[0], references, tokenizer.decode) for run in runs]
-    console.print(_table(rows, len(samples), max_new_tokens))
+    console.print(_table(rows, f"{len(samples)} held-out prompts, {max_new_tokens} new tokens"))
     for system, key, model_name in [("BiLD", "small", small), ("BiLD aligned", "aligned", aligned)][:len(configs)]:
         source = "its pair profile" if find_profile(model_name) else "library defaults: no pair profile"
         console.print(f"{system}: {_settings(configs[key])} ({source})")
@@ -99,6 +112,60 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     sample_run = runs[-2] if aligned else runs[2]
     console.print(_coloured_sample(tokenizer, prompts[0], sample_run))
     return rows
+
+
+def run_summarize_demo(small: str = "bundled:t5-small", aligned: str = "bundled:t5-small-aligned",
+                       large: str = "bundled:t5-large", samples_file: Path = SUMMARIZE_SAMPLES, num_prompts: int = 32,
+                       max_new_tokens: int = 48, console: Console | None = None) -> list[dict]:
+    """The paper's Table 1 on held-out code summarization, batch 1, greedy: large-only and small-only, BiLD
+    with the unaligned and the aligned small model at each one's operating points (its `bild_pair.json`, and
+    its `bild_pair_fast.json` when it has one), and exact mode. Prints the table, the settings and a coloured
+    sample; returns the rows, each with "settings" and "rouge_l_change" (vs large-only) added."""
+    console = console or Console(width=max(Console().width, 120))
+    samples = load_demo_prompts(samples_file, num_prompts, with_continuation=True)
+    exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
+    tokenizer = load_tokenizer(large)
+    models = {"large": load_model(large), "small": load_model(small), "aligned": load_model(aligned)}
+
+    def decode(ids):  # the EOS that ends a summary is no word of it
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    settings = {"large": "greedy", "small": "greedy", "BiLD exact": _settings(exact) + ", exact"}
+    systems = [("large", lambda p: greedy_generate(models["large"], p, max_new_tokens)),
+               ("small", lambda p: greedy_generate(models["small"], p, max_new_tokens))]
+    for key, label in (("small", "BiLD unaligned"), ("aligned", "BiLD aligned")):
+        source = small if key == "small" else aligned
+        for point, config in _operating_points(source, max_new_tokens):
+            name = f"{label}, {point}"
+            settings[name] = _settings(config)
+            systems.append((name, lambda p, s=models[key], c=config: bild_generate(s, models["large"], p, c)))
+    systems.append(("BiLD exact", lambda p: bild_generate(models["aligned"], models["large"], p, exact)))
+    prompts = [s["prompt"] for s in samples]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{len(systems)} systems on {len(samples)} inputs", total=None)
+        # Inputs fall in several power-of-two buckets: each system compiles once per bucket, timed apart.
+        runs = run_systems(systems, prompts, on_call=lambda _: progress.advance(task), batch_shape=padded_shape)
+    references = [decode(s["continuation"]) for s in samples]
+    rows = [summarize(run, runs[0], references, decode) for run in runs]
+    for row in rows:
+        row.update(settings=settings[row["system"]], rouge_l_change=row["rouge_l"] - rows[0]["rouge_l"])
+    console.print(_table(rows, f"{len(samples)} held-out functions summarized (T5 pair), {max_new_tokens} new "
+                               f"tokens at most", SUMMARIZE_COLUMNS))
+    console.print(f"ROUGE-L against the functions' docstrings (first sentence); large-only "
+                  f"{rows[0]['rouge_l']:.1f}, BiLD changes: " + ", ".join(
+                      f"{row['system']} {row['rouge_l_change']:+.1f}" for row in rows[2:]))
+    console.print(_coloured_sample(tokenizer, prompts[0], runs[-2]))
+    return rows
+
+
+def _operating_points(small: str, max_new_tokens: int) -> list[tuple[str, BiLDConfig]]:
+    """("quality", the pair profile's settings or the library defaults), then ("fast", the fast profile's
+    settings) when the small model has one."""
+    points = [("quality", _profile_config(small, max_new_tokens))]
+    fast = resolve_model_dir(small) / FAST_PROFILE_FILE
+    if fast.is_file():
+        points.append(("fast", read_profile(fast).config(max_new_tokens=max_new_tokens)))
+    return points
 
 
 def _profile_config(small: str, max_new_tokens: int) -> BiLDConfig:
@@ -113,12 +180,12 @@ def _settings(config: BiLDConfig) -> str:
             f"max_draft {config.max_draft}")
 
 
-def _table(rows: list[dict], num_prompts: int, max_new_tokens: int) -> Table:
-    table = Table(title=f"bild-jax demo: {num_prompts} held-out prompts, {max_new_tokens} new tokens, batch 1, greedy")
-    for _, header, _ in COLUMNS:
-        table.add_column(header, justify="left" if header == "system" else "right")
+def _table(rows: list[dict], what: str, columns=COLUMNS) -> Table:
+    table = Table(title=f"bild-jax demo: {what}, batch 1, greedy")
+    for _, header, _ in columns:
+        table.add_column(header, justify="left" if header in ("system", "settings") else "right")
     for row in rows:
-        table.add_row(*[fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS])
+        table.add_row(*[fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns])
     return table
 
 

@@ -62,28 +62,39 @@ def tune(small, large, prompts: list[list[int]], references: list[str] | None, d
 
     Quality is ROUGE-L against `references` (the prompts' real continuations) when given, else against the
     large model's own output. Returns the sweep's result with "profile" (None when no point is within
-    `max_rouge_loss`) and "spread" (`choice_spread`) added.
+    `max_rouge_loss`) and "spread" (`choice_spread`) added; `recommend` gives the profile under another loss.
     """
     result = run_sweep(small, large, prompts, references, decode, fallbacks, rollbacks, max_new_tokens, max_drafts,
                        sweep_dir, console=console, max_rouge_loss=max_rouge_loss)
-    best = result["recommended"]
-    result.update(profile=None, spread=None)
-    if best is None:
-        return result
+    result["with_references"] = references is not None
+    profile, spread = recommend(result, decode, max_rouge_loss, large_name=large_name, prompts_name=prompts_name,
+                                max_new_tokens=max_new_tokens)
+    result.update(profile=profile, spread=spread)
+    return result
+
+
+def recommend(result: dict, decode, max_rouge_loss: float, *, large_name: str = "", prompts_name: str = "",
+              max_new_tokens: int) -> tuple[PairProfile | None, dict | None]:
+    """(profile, spread) of a `tune` result's fastest grid point within `max_rouge_loss` ROUGE-L points of
+    large-only; (None, None) when no point is. One sweep gives profiles for several allowed losses."""
+    base = result["baseline"]
+    eligible = [row for row in result["rows"] if row["rouge_l"] >= base["rouge_l"] - max_rouge_loss]
+    if not eligible:
+        return None, None
+    best = max(eligible, key=lambda row: row["speedup"])
     spread = choice_spread(result["runs"], result["references"], decode, max_rouge_loss, result["rows"].index(best))
-    quality = {"metric": "ROUGE-L", "reference": "continuations" if references else "large model output",
-               "bild": best["rouge_l"], "large": result["baseline"]["rouge_l"], "max_loss": max_rouge_loss,
+    quality = {"metric": "ROUGE-L", "reference": "continuations" if result["with_references"] else "large model output",
+               "bild": best["rouge_l"], "large": base["rouge_l"], "max_loss": max_rouge_loss,
                "exact_match": best["exact_match"], "stability": spread["stability"], "near_best": spread["near_best"],
                "speedup_p5_p95": spread["speedup"], "loss_p5_p95": spread["rouge_l_loss"], "resamples": RESAMPLES}
     device = jax.devices()[0]
-    measured_on = {"large": large_name, "prompts": prompts_name, "num_prompts": len(prompts),
+    measured_on = {"large": large_name, "prompts": prompts_name, "num_prompts": len(result["references"]),
                    "max_new_tokens": max_new_tokens, "batch_size": 1, "decoding": "greedy",
                    "device": f"{device.device_kind} ({os.cpu_count()} CPU cores)",
                    "date": datetime.date.today().isoformat(), "bild_jax": _version()}
-    result.update(spread=spread, profile=PairProfile(
-        fallback_threshold=float(best["fallback"]), rollback_threshold=float(best["rollback"]),
-        max_draft=int(best["max_draft"]), speedup=best["speedup"], quality=quality, measured_on=measured_on))
-    return result
+    return PairProfile(fallback_threshold=float(best["fallback"]), rollback_threshold=float(best["rollback"]),
+                       max_draft=int(best["max_draft"]), speedup=best["speedup"], quality=quality,
+                       measured_on=measured_on), spread
 
 
 def _version() -> str:
