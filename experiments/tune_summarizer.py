@@ -30,7 +30,8 @@ from bild_jax.tune import recommend, tune  # noqa: E402
 QUALITY_LOSS, FAST_LOSS = 1.0, 2.0
 # Grids per small model: the unaligned one is unconfident (it falls back at most tokens at 0.6), so its grid
 # reaches low fallbacks; the aligned one agrees with the large model on 96% of tokens, so a smaller grid around
-# the defaults. Neither sweep has completed yet: the first stalled inside one BiLD call (README, "Known problem").
+# the defaults. Neither sweep has completed yet: both were stopped by a hang of the native kernel, since fixed
+# (README, "The hang"), and they were not re-run.
 GRIDS = {"t5-small": ([0.1, 0.2, 0.3, 0.4, 0.6], [3.0, 5.0, float("inf")]),
          "t5-small-aligned": ([0.3, 0.6], [5.0, float("inf")])}
 MAX_NEW_TOKENS = 48
