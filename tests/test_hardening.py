@@ -350,7 +350,7 @@ def test_a_failed_sweep_keeps_the_previous_csv_and_png(tmp_path, monkeypatch):
     (tmp_path / "sweep.csv").write_text("previous csv")
     (tmp_path / "sweep.png").write_text("previous png")
 
-    def fake_runs(systems, prompts, on_call):
+    def fake_runs(systems, prompts, on_call, batch_shape=None):
         return [SystemRun(name, outputs=[[1, 2]], batch_seconds=[[1.0]]) for name, _ in systems]
 
     def failing_plot(rows, baseline, recommended, path, max_rouge_loss):
