@@ -140,7 +140,7 @@ class BiLDPolicy:
         # numpy scalars: the loop traces them all the same, and building them costs no device dispatch.
         return cls(fallback_threshold=np.float32(config.fallback_threshold),
                    rollback_threshold=np.float32(config.rollback_threshold),
-                   rule=policies.rule_id(config.exact, config.temperature > 0),
+                   rule=policies.rule_id(config.exact, bool(sampling.sampled)),
                    verify_tail=np.bool_(config.verify_tail or config.exact), eos_ids=eos_ids, sampling=sampling,
                    draft_limit=np.int32(draft_limit),
                    wait_fraction=np.float32(schedule.wait_fraction),
