@@ -1,9 +1,10 @@
 """Sharded decoding vs single-device decoding, run by tests/test_sharding.py in a subprocess that sees 8 host
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
 
-    python tests/sharding_check.py PAIRS_PICKLE KIND [--extras] [--one-mesh KIND2 ...]
+    python tests/sharding_check.py PAIRS_PICKLE KIND [--meshes 8x1,4x2] [--extras] [--one-mesh KIND2 ...]
 
-PAIRS_PICKLE holds {kind: (small, large)} Models with numpy params. Prints one JSON object: per mesh, whether
+PAIRS_PICKLE holds {kind: (small, large)} Models with numpy params. Prints one JSON object: per mesh (all four
+data x model meshes, or those --meshes names), whether
 the KIND pair's greedy and BiLD outputs equal the unsharded ones, the warnings raised and where a few
 parameters (and, decoder-only, the cache's keys) ended up; with --extras also a run with different rules
 per model, a GPT-2 small model (the "mixed" pair) on one mesh, and the error of strict mode on a mesh that
@@ -86,13 +87,13 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [rng.integers(3, vocab_size, size=n).tolist() for n in (3, 9, 1, 6, 5, 2, 7, 4)]
 
 
-def main(pairs_file: str, kind: str, extras: bool, one_mesh: list[str]) -> None:
+def main(pairs_file: str, kind: str, meshes: tuple, extras: bool, one_mesh: list[str]) -> None:
     with open(pairs_file, "rb") as handle:
         pairs = {name: tuple(model.replace(params=jax.tree_util.tree_map(jnp.asarray, model.params))
                              for model in pair) for name, pair in pickle.load(handle).items()}
     small, large = pairs[kind]
     prompts = _prompts(large.vocab_size)
-    summary = {"devices": jax.device_count(), kind: check_pair(kind, small, large, prompts)}
+    summary = {"devices": jax.device_count(), kind: check_pair(kind, small, large, prompts, meshes)}
     for other in one_mesh:
         other_small, other_large = pairs[other]
         summary[other] = check_pair(other, other_small, other_large, _prompts(other_large.vocab_size),
@@ -121,5 +122,7 @@ def main(pairs_file: str, kind: str, extras: bool, one_mesh: list[str]) -> None:
 
 if __name__ == "__main__":
     options = sys.argv[3:]
-    main(sys.argv[1], sys.argv[2], extras="--extras" in options,
+    named = options[options.index("--meshes") + 1].split(",") if "--meshes" in options else None
+    main(sys.argv[1], sys.argv[2], MESHES if named is None else tuple(tuple(map(int, m.split("x"))) for m in named),
+         extras="--extras" in options,
          one_mesh=[options[i + 1] for i, option in enumerate(options) if option == "--one-mesh"])

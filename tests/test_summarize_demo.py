@@ -29,7 +29,8 @@ def tiny_pair(tmp_path_factory):
     large = train_summarizer.write_init("tiny", root / "large", train_summarizer.TOKENIZER_DIR, seed=0)
     small = train_summarizer.write_init("tiny", root / "small", train_summarizer.TOKENIZER_DIR, seed=1)
     aligned = train_summarizer.write_init("tiny", root / "aligned", train_summarizer.TOKENIZER_DIR, seed=2)
-    write_profile(PairProfile(0.9, 1.0, 4, speedup=1.0, quality={}, measured_on={}), aligned / FAST_PROFILE_FILE)
+    # max_draft 10 as the library default's, so that every BiLD row runs one compiled program.
+    write_profile(PairProfile(0.9, 1.0, 10, speedup=1.0, quality={}, measured_on={}), aligned / FAST_PROFILE_FILE)
     tokenizer = bild_jax.load_tokenizer(large)
     samples = [{"prompt": tokenizer(source)["input_ids"], "continuation": tokenizer(summary)["input_ids"]}
                for source, summary in [("def add(a, b):\n    return a + b\n", "Add two numbers."),
@@ -49,7 +50,7 @@ def test_summarize_demo_prints_the_table_one_row_per_operating_point(tiny_pair):
                                            "BiLD aligned, fast", "BiLD exact"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["rouge_l_change"] == 0.0
     assert rows[-1]["exact_match"] == 1.0 and rows[-1]["rouge_l_change"] == 0.0
-    assert rows[4]["settings"] == "fallback 0.9, rollback 1, max_draft 4"
+    assert rows[4]["settings"] == "fallback 0.9, rollback 1, max_draft 10"
     assert rows[2]["settings"] == "fallback 0.6, rollback 5, max_draft 10"
     for row in rows[2:]:
         assert 0 <= row["fallback_rate"] <= 1 and 0 <= row["rollback_rate"] <= 1
@@ -72,8 +73,9 @@ def test_bundled_pair_exact_mode_is_the_large_models_greedy_output():
     large = bild_jax.load_model("bundled:t5-large")
     small = bild_jax.load_model("bundled:t5-small-aligned")
     greedy = bild_jax.greedy_generate(large, prompts, max_new_tokens=24)
-    out = bild_jax.bild_generate(small, large, prompts, config=bild_jax.BiLDConfig(max_new_tokens=24, exact=True,
-                                                                                   fallback_threshold=0.3))
+    # max_draft 3: fewer verification widths to compile (1, 2, 4) than the default's six.
+    config = bild_jax.BiLDConfig(max_new_tokens=24, exact=True, fallback_threshold=0.3, max_draft=3)
+    out = bild_jax.bild_generate(small, large, prompts, config=config)
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(greedy.lengths))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
     assert int(np.asarray(out.stats.small_tokens).sum()) > 0  # the small model did draft
