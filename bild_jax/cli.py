@@ -376,6 +376,10 @@ def run_tune(args) -> None:
           f"point in {spread['near_best']:.0%}, the fastest itself in {spread['stability']:.0%}")
     if spread["near_best"] < UNSTABLE:
         print("the choice is not stable over these prompts: tune on more (--num-prompts, --prompts)")
+    if profile.speedup < 1:
+        print(f"at its best BiLD is slower than the large model alone on these prompts ({profile.speedup:.2f}x): "
+              "the profile holds the best BiLD settings for this pair, but the large model alone is faster; "
+              "aligning the small model (bild-jax align) is what can change that")
     print(f"wrote {write_profile(profile, profile_path)}")
 
 

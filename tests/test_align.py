@@ -278,6 +278,7 @@ def test_tune_writes_a_profile_that_generate_then_uses(aligned_llama, tmp_path, 
     printed = capsys.readouterr().out
     assert f"wrote {small / PROFILE_FILE}" in printed and "resamples of the 4 prompts" in printed
     profile = read_profile(find_profile(small))
+    assert ("BiLD is slower than the large model alone" in printed) == (profile.speedup < 1)
     rows = list(csv_rows(tmp_path / "sweep" / "sweep.csv"))
     fastest = max(rows, key=lambda r: float(r["speedup"]))  # every point is within a 100-point loss
     assert (profile.fallback_threshold, profile.rollback_threshold) == (float(fastest["fallback"]),
