@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 from typing import Any, Sequence
 
 import jax
@@ -192,6 +193,7 @@ class DecodeContext:
     keys: jax.Array                                        # [B] PRNG keys, one stream per row
     max_new_tokens: int = struct.field(pytree_node=False)
     max_draft: int = struct.field(pytree_node=False)
+    narrow_widths: tuple[int, ...] = struct.field(pytree_node=False)   # verification widths besides max_draft + 1
 
     def draw(self, logits: jax.Array, positions: jax.Array, stream: int) -> jax.Array:
         """[B] int32 tokens for output positions [B] from processed logits [B, V], with the rows' keys for
@@ -255,6 +257,20 @@ class LargePass:
 # each: BiLD 1.91x/1.97x vs 1.75x/1.83x over large greedy, exact 1.61x/1.66x vs 1.52x/1.53x; every width
 # 1..10 was slower again (1.78x/1.85x). Each width is one more branch to compile.
 NARROW_VERIFY_WIDTHS = (1, 2, 4, 6, 8)
+VERIFY_WIDTHS_ENV = "BILD_JAX_VERIFY_WIDTHS"
+
+
+def narrow_verify_widths() -> tuple[int, ...]:
+    """The narrow widths a BiLD call compiles: $BILD_JAX_VERIFY_WIDTHS where set ("1,4"; "" for max_draft + 1
+    alone), else NARROW_VERIFY_WIDTHS. Fewer widths compile faster, each being one more branch of the large
+    model, and run some passes wider than they need."""
+    value = os.environ.get(VERIFY_WIDTHS_ENV)
+    if value is None:
+        return NARROW_VERIFY_WIDTHS
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise InputError(f"{VERIFY_WIDTHS_ENV} must be comma-separated integers >= 1 (e.g. 1,4), got {value!r}")
+    return tuple(sorted({int(part) for part in parts}))
 
 
 def block_widths(narrow: tuple[int, ...], full: int) -> tuple[int, ...]:
@@ -374,7 +390,7 @@ def decode_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     runs = runs_large_pass(ctx, state)                                                    # []
     needs_large = runs & state.waiting                                                     # [B]
     unseen = jnp.where(state.live, state.num_tokens - state.large_seen, 0)                # [B]
-    widths = block_widths(NARROW_VERIFY_WIDTHS, ctx.max_draft + 1)
+    widths = block_widths(ctx.narrow_widths, ctx.max_draft + 1)
     branch = jnp.where(runs, 1 + jnp.searchsorted(jnp.asarray(widths), jnp.where(needs_large, unseen, 0).max()), 0)
     # The other live rows have their drafts judged too, when they fit the block the waiting rows need.
     # Without tail verification a row may end on unjudged drafts; judging other rows' drafts early would
@@ -425,19 +441,21 @@ def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array
 
 
 def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: jax.Array, policy: BiLDPolicy,
-                max_new_tokens: int, max_draft: int, pad_token_id: int = 0, rng: jax.Array | None = None
-                ) -> BiLDOutput:
+                max_new_tokens: int, max_draft: int, pad_token_id: int = 0, rng: jax.Array | None = None,
+                narrow_widths: tuple[int, ...] = NARROW_VERIFY_WIDTHS) -> BiLDOutput:
     """Pure BiLD decoding, for use inside the caller's own `jax.jit`.
 
     prompts [B, T] int32 right-padded with prompt_lengths [B] int32 (the encoder input for T5 pairs);
-    `max_new_tokens`, `max_draft` and `pad_token_id` are static. `rng`: one PRNG key or [B] keys, one per
-    row (`sampling.row_keys`); None uses a fixed key, fine for greedy decoding, which draws nothing.
+    `max_new_tokens`, `max_draft`, `pad_token_id` and `narrow_widths` (the verification block widths compiled
+    besides max_draft + 1) are static. `rng`: one PRNG key or [B] keys, one per row (`sampling.row_keys`);
+    None uses a fixed key, fine for greedy decoding, which draws nothing.
     """
     batch = prompts.shape[0]
     # The widest passes in the loop: the small model's two-token feed, the large model's full block.
     ctx = DecodeContext(small=for_decode_loop(small, rows=2 * batch),
                         large=for_decode_loop(large, rows=(max_draft + 1) * batch), policy=policy,
-                        keys=row_keys(rng, prompts.shape[0]), max_new_tokens=max_new_tokens, max_draft=max_draft)
+                        keys=row_keys(rng, prompts.shape[0]), max_new_tokens=max_new_tokens, max_draft=max_draft,
+                        narrow_widths=tuple(narrow_widths))
     state = init_state(ctx, prompts, prompt_lengths)
     state = lax.while_loop(lambda s: ~s.done.all(), functools.partial(decode_step, ctx), state)
     return _output(state, max_new_tokens, policy.eos_ids, pad_token_id)
@@ -464,13 +482,15 @@ def make_bild_decode(small: Model, large: Model, max_new_tokens: int, max_draft:
     """A pure, jittable `fn(small_params, large_params, prompts [B, T] int32, prompt_lengths [B] int32,
     policy: BiLDPolicy, rng=None) -> BiLDOutput` for the given pair's architectures and static sizes; use it
     inside your own `jax.jit`. Build `policy` with `BiLDPolicy.from_config(config, eos_array(large, ids))`;
-    `rng` (one key or [B] keys) is needed when the policy samples."""
+    `rng` (one key or [B] keys) is needed when the policy samples. The verification widths are
+    `narrow_verify_widths()`'s when it is made."""
     check_pair(small, large)
+    narrow_widths = narrow_verify_widths()
 
     def decode(small_params, large_params, prompts, prompt_lengths, policy: BiLDPolicy, rng=None) -> BiLDOutput:
         return bild_decode(small.replace(params=small_params), large.replace(params=large_params), prompts,
                            prompt_lengths, policy, max_new_tokens=max_new_tokens, max_draft=max_draft,
-                           pad_token_id=output_pad_id(large), rng=rng)
+                           pad_token_id=output_pad_id(large), rng=rng, narrow_widths=narrow_widths)
 
     return decode
 
@@ -489,7 +509,8 @@ def check_pair(small: Model, large: Model) -> None:
                          "bild_jax.shared_vocabulary(small, large, small_tokenizer, large_tokenizer)")
 
 
-_bild_decode_jit = jax.jit(bild_decode, static_argnames=("max_new_tokens", "max_draft", "pad_token_id"))
+_bild_decode_jit = jax.jit(bild_decode, static_argnames=("max_new_tokens", "max_draft", "pad_token_id",
+                                                         "narrow_widths"))
 
 
 def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = BiLDConfig(),
@@ -506,6 +527,7 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
     """
     check_pair(small, large)
     check_rng(rng, config.temperature)
+    narrow_widths = narrow_verify_widths()
     (large, small), prompts, prompt_lengths = prepare_inputs((large, small), input_ids, config.max_new_tokens,
                                                              attention_mask, mesh)
     check_bild_fits(small, large, prompts, cache_capacities(small, large, prompts.shape[1], config.max_new_tokens,
@@ -521,7 +543,8 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
                                  max_new_tokens=config.max_new_tokens, pad_token_id=output_pad_id(large))
         return large_only_output(out.tokens, out.lengths, schedule)
     out = _bild_decode_jit(small, large, prompts, prompt_lengths, policy, max_new_tokens=config.max_new_tokens,
-                           max_draft=config.max_draft, pad_token_id=output_pad_id(large), rng=keys)
+                           max_draft=config.max_draft, pad_token_id=output_pad_id(large), rng=keys,
+                           narrow_widths=narrow_widths)
     return out.replace(schedule=schedule)
 
 

@@ -18,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
                                     "--xla_llvm_disable_expensive_passes=true"]).strip()
 
+# BiLD programs compile one large-model branch per verification width: the suite compiles width 1 and
+# max_draft + 1 only (subprocesses too). tests/test_bild.py::test_default_verify_widths_* runs the defaults.
+os.environ.setdefault("BILD_JAX_VERIFY_WIDTHS", "1")
+
 from tiny_models import TINY_CONFIGS, build_hf_model  # noqa: E402
 
 

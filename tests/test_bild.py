@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import bild_jax
 from bild_jax import bild
 from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.errors import InputError
 from bild_jax.schedule import BatchSchedule
 
 N = 16  # max_new_tokens everywhere, so that tests share compiled programs
@@ -60,6 +61,33 @@ def test_exact_mode_equals_large_greedy(bild_pair, kind, max_draft):
         _check_invariants(out, config, bild_jax.generate.output_pad_id(large))
         if kind != "mixed" and not eos_ids:  # a perturbed copy agrees often enough for drafts to be kept
             assert int(np.asarray(out.stats.small_tokens).sum()) > 0
+
+
+def test_default_verify_widths_keep_exact_mode_and_the_env_var_picks_the_program(bild_pair, monkeypatch):
+    """The suite compiles widths 1 and max_draft + 1 (conftest); here the library's defaults (1, 2, 4, 6, 8,
+    9 for max_draft 8): exact mode is still the large model's greedy output, and the widths are part of the
+    compiled program's key, so changing the variable compiles anew instead of reusing the other program."""
+    small, large = bild_pair("llama")
+    prompts = _prompts(large.vocab_size)
+    config = BiLDConfig(max_new_tokens=N, max_draft=8, fallback_threshold=0.3, exact=True, eos_token_id=[],
+                        schedule=BatchSchedule())
+    expected = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=[])
+    monkeypatch.delenv(bild.VERIFY_WIDTHS_ENV)
+    assert bild.narrow_verify_widths() == bild.NARROW_VERIFY_WIDTHS
+    before = bild._bild_decode_jit._cache_size()
+    out = bild_generate(small, large, prompts, config)
+    assert bild._bild_decode_jit._cache_size() == before + 1
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+    assert int(np.asarray(out.stats.verify_passes).sum()) > 0 and int(np.asarray(out.stats.small_tokens).sum()) > 0
+    monkeypatch.setenv(bild.VERIFY_WIDTHS_ENV, " 4, 2 ")
+    assert bild.narrow_verify_widths() == (2, 4)
+    monkeypatch.setenv(bild.VERIFY_WIDTHS_ENV, "")
+    assert bild.narrow_verify_widths() == ()
+    for bad in ("0", "1,x", "-2"):
+        monkeypatch.setenv(bild.VERIFY_WIDTHS_ENV, bad)
+        with pytest.raises(InputError, match=rf"^BILD_JAX_VERIFY_WIDTHS must be comma-separated integers >= 1 "
+                                             rf"\(e.g. 1,4\), got '{bad}'$"):
+            bild_generate(small, large, prompts, config)
 
 
 def test_batched_run_equals_each_row_alone(bild_pair):

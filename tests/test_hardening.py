@@ -38,9 +38,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def fake_bild_decode(small, large, prompts, prompt_lengths, policy, *, max_new_tokens, max_draft, pad_token_id,
-                     rng=None):
+                     rng=None, narrow_widths):
     """Stands in for the compiled BiLD program: checks what it is given, returns zeros of the output shapes."""
     assert type(max_new_tokens) is int and type(max_draft) is int and type(pad_token_id) is int
+    assert type(narrow_widths) is tuple and all(type(width) is int for width in narrow_widths)
     batch = prompts.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     stats = bild.BiLDStats(**{field.name: zeros for field in dataclasses.fields(bild.BiLDStats)})
