@@ -86,6 +86,14 @@ class Model:
         logits, block = self.decode_block(tokens, cache)
         return logits, cache.append(block)
 
+    def decode_prompt(self, prompts: jax.Array, prompt_lengths: jax.Array, cache) -> tuple[jax.Array, Any]:
+        """A decoder-only model's prompt pass: prompts [B, T] int32 (right-padded, prompt_lengths [B] int32)
+        into an empty cache -> (logits [B, V] float32 after each row's last prompt token, the cache holding
+        the T slots, its lengths still 0). The output layer runs for those B positions only: over all B x T
+        it would be a seventh of the bundled large model's multiply-adds, two fifths of the small one's."""
+        logits, block = self.module.apply({"params": self.params}, prompts, cache, logits_at=prompt_lengths - 1)
+        return self._cut(logits)[:, 0], cache.write(block)
+
 
 def for_decode_loop(model: Model, rows: int) -> Model:
     """The model as a decode loop should hold it, inside the caller's jit, before prefill and the loop.

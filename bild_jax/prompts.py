@@ -141,5 +141,5 @@ def prefill(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, capacit
         start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
         logits, cache = model.decode(start, cache)
         return logits[:, 0], cache
-    logits, cache = model.decode(prompts, model.start_cache(batch, capacity))
-    return take_at(logits, prompt_lengths - 1), cache.with_lengths(prompt_lengths)
+    logits, cache = model.decode_prompt(prompts, prompt_lengths, model.start_cache(batch, capacity))
+    return logits, cache.with_lengths(prompt_lengths)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bild_jax
+from bild_jax.prompts import prefill
 from conftest import ALL_MODELS
 
 ATOL = 1e-4
@@ -17,6 +18,7 @@ ATOL = 1e-4
 _decode = jax.jit(lambda model, tokens, cache: model.decode(tokens, cache))
 # Encoder-decoder models run their encoder here: jitted too.
 _start_cache = jax.jit(lambda model, *encoder_inputs: model.start_cache(3, 16, *encoder_inputs))
+_prefill = jax.jit(lambda model, prompts, lengths: prefill(model, prompts, lengths, 16))
 
 
 def _random_ids(vocab: int, shape, seed: int) -> np.ndarray:
@@ -67,6 +69,12 @@ def test_cached_blocks_match_full_forward(saved_model, name):
         pieces.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), np.asarray(full), atol=ATOL, rtol=0)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [10, 10, 10])
+    if not model.is_encoder_decoder:
+        # The prompt pass computes the output layer at each row's last prompt token only.
+        lengths = np.array([4, 10, 7], np.int32)
+        first, cache = _prefill(model, jnp.asarray(ids), jnp.asarray(lengths))
+        np.testing.assert_allclose(np.asarray(first), np.asarray(full)[np.arange(3), lengths - 1], atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
 
 
 def _hf_greedy(hf_model, prompt, max_new_tokens, eos):

@@ -47,7 +47,8 @@ class ModelFamily:
       limit); encoder-decoder families also `decoder_start_token_id`. `restore_converted` rebuilds it from
       its fields (`config_class(**fields)`, lists made tuples).
     - `module`: the Flax module, built as `module(config)`; decoder-only:
-      `(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, KVBlock | None)`,
+      `(tokens [B, K] int32, cache=None, attention_mask=None, logits_at=None) -> (logits [B, K, V] float32,
+      KVBlock | None)`, where `logits_at` [B] int32 asks for logits [B, 1, V] at that position of each row,
       encoder-decoder: `__call__(input_ids, decoder_input_ids, attention_mask) -> logits` and
       `decode(tokens, cache) -> (logits, KVBlock)`.
     - `init_cache(config, batch, capacity, dtype)`: an empty decoder cache.

@@ -12,6 +12,7 @@ from bild_jax.cache import KVCache
 from bild_jax.errors import Unsupported
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
+from bild_jax.rows import take_at
 from bild_jax.models.layers import (Dense, activation, attend, attention, cached_keys_values,
                                     decoder_positions_and_mask, kv_block)
 from bild_jax.weights import hf_name_to_flax_path
@@ -138,7 +139,7 @@ class GPT2LMHeadModel(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens, cache: KVCache | None = None, attention_mask=None):
+    def __call__(self, tokens, cache: KVCache | None = None, attention_mask=None, logits_at=None):
         cfg = self.config
         batch, width = tokens.shape
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte")
@@ -153,6 +154,7 @@ class GPT2LMHeadModel(nn.Module):
             h, keys, values = GPT2Block(cfg, i, name=f"h_{i}")(h, mask, cache)
             layer_keys.append(keys)
             layer_values.append(values)
+        h = h if logits_at is None else take_at(h, logits_at)[:, None]
         h = _layer_norm(cfg, "ln_f")(h)
         if cfg.tie_word_embeddings:
             logits = attend(wte, h)

@@ -21,6 +21,7 @@ from bild_jax.models.layers import (Dense, RMSNorm, activation, attend, attentio
                                     decoder_positions_and_mask, kv_block, sliding_window_mask, softcap)
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
+from bild_jax.rows import take_at
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
@@ -265,17 +266,17 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder-only Llama-family transformer.
 
-    `__call__(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, block)`:
-    with a cache, the K tokens sit at each row's `cache.lengths`, attend the cache (only read) and return
-    their keys/values as a `KVBlock` to write in; without one, the K tokens are the whole sequence (block
-    None). Sliding-window layers mask keys by their distance in absolute positions, so a fixed-shape cache
+    `__call__(tokens [B, K] int32, cache=None, attention_mask=None, logits_at=None) -> (logits [B, K, V]
+    float32, block)`: with a cache, the K tokens sit at each row's `cache.lengths`, attend the cache (only
+    read) and return their keys/values as a `KVBlock` to write in; without one, the K tokens are the whole
+    sequence (block None). `logits_at` [B] int32: logits [B, 1, V] of that position of each row only. Sliding-window layers mask keys by their distance in absolute positions, so a fixed-shape cache
     longer than the window serves them as it is.
     """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, cache: KVCache | None = None, attention_mask=None):
+    def __call__(self, tokens, cache: KVCache | None = None, attention_mask=None, logits_at=None):
         cfg = self.config
         batch, width = tokens.shape
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
@@ -292,6 +293,7 @@ class LlamaForCausalLM(nn.Module):
             h, keys, values = LlamaDecoderLayer(cfg, i, name=f"layers_{i}")(h, positions, layer_mask, cache)
             layer_keys.append(keys)
             layer_values.append(values)
+        h = h if logits_at is None else take_at(h, logits_at)[:, None]
         h = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name="norm")(h)
         if cfg.tie_word_embeddings:
             logits = attend(embed, h)
