@@ -39,7 +39,8 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
     dense = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
     if dense and preferred_element_type in (None, jnp.float32) and native_applies(lhs, rhs):
         return _native_product(lhs, rhs, False)
-    return lax.dot_general(lhs, rhs.astype(lhs.dtype), dimension_numbers, precision=precision,
+    lhs, rhs = widened(lhs, rhs)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
 
 
@@ -56,8 +57,32 @@ def attend(table: jax.Array, x: jax.Array) -> jax.Array:
     `nn.Embed.attend` computes, with both operands promoted to one dtype)."""
     if native_applies(x, table):
         return _native_product(x, table, True)
-    dtype = jnp.promote_types(x.dtype, table.dtype)
-    return jnp.dot(x.astype(dtype), table.astype(dtype).T)
+    x, table = widened(x, table)
+    return jnp.dot(x, table.T)
+
+
+def widened(rows: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(rows, weight) in their promoted dtype, for XLA's dot. A bfloat16 weight meeting float32 rows on one
+    CPU device is widened by the native `bild_widen_after`, which XLA orders after the rows: a plain convert
+    would run at the start of the program for every layer at once (`native/widen.cc`)."""
+    dtype = jnp.promote_types(rows.dtype, weight.dtype)
+    if (rows.dtype == jnp.float32 and weight.dtype == jnp.bfloat16 and native_library.on_cpu_device()
+            and native_library.available()):
+        return rows, _widen_after(rows, weight)
+    return rows.astype(dtype), weight.astype(dtype)
+
+
+@jax.custom_jvp
+def _widen_after(rows: jax.Array, weight: jax.Array) -> jax.Array:
+    call = jax.ffi.ffi_call("bild_widen_after", jax.ShapeDtypeStruct(weight.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(rows, weight)
+
+
+@_widen_after.defjvp
+def _widen_after_jvp(primals, tangents):
+    (rows, weight), (_, weight_dot) = primals, tangents
+    return _widen_after(rows, weight), weight_dot.astype(jnp.float32)
 
 
 def native_applies(x: jax.Array, weight: jax.Array) -> bool:

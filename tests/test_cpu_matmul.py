@@ -73,6 +73,23 @@ def test_bfloat16_weights_give_the_sums_of_their_float32_copy(transposed):
     np.testing.assert_array_equal(np.asarray(jax.jit(product)(x, half)), np.asarray(jax.jit(product)(x, widened)))
 
 
+def test_wide_products_widen_bfloat16_weights_after_their_rows():
+    # Past MAX_ROWS (a prompt pass) XLA's dot reads a float32 copy, made by `bild_widen_after` once the rows
+    # exist: the same values as a convert, and the same derivatives.
+    x, w = _operands(cpu_matmul.MAX_ROWS + 1, seed=3)
+    half = jnp.asarray(w, jnp.bfloat16)
+    def chain(product):  # the second widening needs the first product
+        return lambda a, weight: product(jnp.tanh(product(a, weight))[:, :K], weight)
+
+    converted = chain(lambda a, weight: a @ weight.astype(jnp.float32))
+    text = _lowered(chain(_dense), x, half)
+    assert text.count("bild_widen_after") == 2 and "bild_matmul" not in text
+    np.testing.assert_array_equal(np.asarray(jax.jit(chain(_dense))(x, half)), np.asarray(jax.jit(converted)(x, half)))
+    grads = [jax.grad(lambda a, b: jnp.sum(fn(a, b) ** 2), argnums=(0, 1))(x, half) for fn in (chain(_dense), converted)]
+    for got, want in zip(*grads):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, every_weight_native):
     from bild_jax.model import for_decode_loop, loop_copy_bytes
 
