@@ -27,7 +27,9 @@ clocks cold). Tokens count up to and including EOS; llama-speculative-simple
 overshoots the requested count by up to n_max + 1 tokens, all counted as its own. Per call: seconds per
 generated token; per system: median tokens/s and the spread over prompts x repeats; per pair: per prompt, the
 median over repeats of the back-to-back ratio (bild-jax tokens/s / llama.cpp tokens/s), then its median and
-spread over prompts. llama.cpp's eval-only tokens/s (prompt excluded) is reported for reference. Both sides
+spread over prompts. Eval-only tokens/s (prompt excluded) is reported for reference: llama.cpp's own, and
+bild-jax greedy's from a 1-token call on the same prompt timed after each call ((n - 1) tokens over the
+difference). Both sides
 use --threads threads: llama.cpp's `-t`; XLA's CPU thread pool takes one thread per core (`nproc`), so
 --threads should equal nproc for a like-for-like comparison.
 
@@ -73,7 +75,7 @@ class Call:
     new_tokens: int                   # a final EOS included
     text: str                         # llama.cpp: as printed; bild-jax: the tokens decoded
     tokens: list[int] | None = None   # bild-jax only
-    eval_tokens_per_s: float | None = None  # llama.cpp only: generation alone, prompt eval excluded
+    eval_tokens_per_s: float | None = None  # generation alone, prompt eval excluded (llama.cpp; bild-jax greedy)
     stats: dict = dataclasses.field(default_factory=dict)  # BiLD counters or llama.cpp's draft acceptance
 
     @property
@@ -96,8 +98,10 @@ class System:
         return [getattr(call, key) for per_prompt in self.calls for call in per_prompt]
 
 
-def jax_system(name: str, generate: Callable, max_new_tokens: int) -> System:
-    """A bild-jax system from `generate([prompt ids])` returning a greedy or BiLD output."""
+def jax_system(name: str, generate: Callable, max_new_tokens: int, first_token: Callable | None = None) -> System:
+    """A bild-jax system from `generate([prompt ids])` returning a greedy or BiLD output. `first_token`, the same
+    generation cut to one new token (prompt pass and first token), is timed after each call, for an eval-only
+    speed comparable to llama.cpp's: the call's other tokens over the time the call took beyond it."""
     compiled = False
 
     def call(ids: list[int]) -> Call:
@@ -106,12 +110,18 @@ def jax_system(name: str, generate: Callable, max_new_tokens: int) -> System:
             # Untimed first, as llama.cpp runs a warm-up decode of its own (its default) between loading and
             # its timed run: after the other system's process, caches, thread pools and clocks are cold.
             timed(generate, [ids])
-        compiled = True  # the first call compiles, timed as it is
         out, seconds = timed(generate, [ids])
         n = int(out.lengths[0])
+        eval_tokens_per_s = None
+        if first_token is not None:
+            _, first_seconds = timed(first_token, [ids])
+            if compiled and n > 1:
+                eval_tokens_per_s = (n - 1) / max(seconds - first_seconds, 1e-9)
+        compiled = True  # the first call compiles, timed as it is
         tokens = np.asarray(out.tokens)[0, :n].tolist()
         stats = {k: int(v[0]) for k, v in dataclasses.asdict(out.stats).items()} if hasattr(out, "stats") else {}
-        return Call(seconds, n, llamacpp.reference_text(tokens, max_new_tokens), tokens=tokens, stats=stats)
+        return Call(seconds, n, llamacpp.reference_text(tokens, max_new_tokens), tokens=tokens, stats=stats,
+                    eval_tokens_per_s=eval_tokens_per_s)
 
     return System(name, call, compiles=True)
 
@@ -141,9 +151,11 @@ def build_systems(args) -> tuple[list[System], list[tuple[str, str, str, float |
     t = args.threads
     systems = [
         llamacpp_system("llama.cpp greedy f32", lambda ids: llamacpp.run_greedy(f32, ids, n, t)),
-        jax_system(GREEDY_F32, lambda p: bild_jax.greedy_generate(large, p, n), n),
+        jax_system(GREEDY_F32, lambda p: bild_jax.greedy_generate(large, p, n), n,
+                   lambda p: bild_jax.greedy_generate(large, p, 1)),
         llamacpp_system("llama.cpp greedy bf16", lambda ids: llamacpp.run_greedy(bf16, ids, n, t)),
-        jax_system("bild-jax greedy bf16", lambda p: bild_jax.greedy_generate(large_bf16, p, n), n),
+        jax_system("bild-jax greedy bf16", lambda p: bild_jax.greedy_generate(large_bf16, p, n), n,
+                   lambda p: bild_jax.greedy_generate(large_bf16, p, 1)),
         llamacpp_system("llama.cpp speculative f32", lambda ids: llamacpp.run_speculative(
             f32, draft, ids, n, args.n_max, args.p_min, t)),
         jax_system("bild-jax BiLD exact f32", lambda p: bild_jax.bild_generate(aligned, large, p, exact), n),
@@ -213,11 +225,11 @@ def results(systems: list[System], pairs: list, checks: list) -> dict:
     by_name = {s.name: s for s in systems}
     out = {"systems": {}, "pairs": {}, "checks": {}}
     for s in systems:
+        eval_rates = [v for v in s.samples("eval_tokens_per_s") if v is not None]  # none for 1-token outputs
         out["systems"][s.name] = {
             "tokens_per_s": spread(s.samples()),
             "ms_per_token": spread([1e3 / v for v in s.samples()]),
-            "eval_tokens_per_s": spread(s.samples("eval_tokens_per_s")) if s.calls[0][0].eval_tokens_per_s is not None
-            else None,
+            "eval_tokens_per_s": spread(eval_rates) if eval_rates else None,
             "new_tokens": spread(s.samples("new_tokens")),
             "compile_s": s.compile_s,
             "per_prompt": [{"seconds": [c.seconds for c in calls], "new_tokens": [c.new_tokens for c in calls],
