@@ -10,7 +10,6 @@ import numpy as np
 
 from bild_jax.errors import InputError
 from bild_jax.model import Model
-from bild_jax.rows import take_at
 
 MIN_BUCKET = 8
 MAX_EOS_IDS = 8

@@ -269,8 +269,9 @@ class LlamaForCausalLM(nn.Module):
     `__call__(tokens [B, K] int32, cache=None, attention_mask=None, logits_at=None) -> (logits [B, K, V]
     float32, block)`: with a cache, the K tokens sit at each row's `cache.lengths`, attend the cache (only
     read) and return their keys/values as a `KVBlock` to write in; without one, the K tokens are the whole
-    sequence (block None). `logits_at` [B] int32: logits [B, 1, V] of that position of each row only. Sliding-window layers mask keys by their distance in absolute positions, so a fixed-shape cache
-    longer than the window serves them as it is.
+    sequence (block None). `logits_at` [B] int32: logits [B, 1, V] of that position of each row only.
+    Sliding-window layers mask keys by their distance in absolute positions, so a fixed-shape cache longer
+    than the window serves them as it is.
     """
 
     config: LlamaConfig

@@ -9,8 +9,8 @@
 // its memory is reused.
 //
 //   bild_widen_after: (rows, any dtype and shape, unread; w bf16[...]) -> f32[...] the same values
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -28,7 +28,8 @@ ffi::Error WidenAfter(ffi::ThreadPool pool, ffi::AnyBuffer rows, ffi::Buffer<ffi
   const int64_t chunks = (size + kChunk - 1) / kChunk;
   bild::InChunks(pool, chunks, [&](int64_t c) {
     const int64_t end = std::min(size, (c + 1) * kChunk);
-    for (int64_t i = c * kChunk; i < end; ++i) bits[i] = static_cast<uint32_t>(in[i]) << 16;  // bfloat16 is the top half
+    // bfloat16 is the top half of a float32
+    for (int64_t i = c * kChunk; i < end; ++i) bits[i] = static_cast<uint32_t>(in[i]) << 16;
   });
   return ffi::Error::Success();
 }
