@@ -7,16 +7,17 @@ the same whatever rows share the call: the logits of a verification block equal 
 
 It takes the products that are worth it and leaves the rest to XLA, decided at trace time from static
 shapes: float32 rows times a float32 or bfloat16 weight (widened exactly as it is read, so a bfloat16 model
-reads half the bytes of its float32 copy and gets the same sums), a weight of at least `MIN_WEIGHT_BYTES`
-(smaller ones sit in cache, where XLA's dot is as fast), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and
-training batches are compute-bound), one CPU device (a sharded model keeps XLA's dot, which the SPMD
-partitioner splits), the kernels built (`native_library`). Differentiable: derivatives are XLA dots.
+reads half the bytes of its float32 copy and gets the same sums), a weight (or a group of weights read with
+one input, `dense_products`) of at least `MIN_WEIGHT_BYTES` (smaller ones sit in cache, where XLA's dot is
+as fast), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and training
+batches are compute-bound), one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner
+splits), the kernels built (`native_library`). Differentiable: derivatives are XLA dots.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,8 @@ from bild_jax import native_library
 
 MIN_WEIGHT_BYTES = 128 * 1024
 MAX_ROWS = 16
-# (transposed, weight dtype) -> FFI target (`native_library.TARGETS`)
-_TARGETS = {(False, "float32"): "bild_matmul", (False, "bfloat16"): "bild_matmul_bf16",
-            (True, "float32"): "bild_matmul_transposed", (True, "bfloat16"): "bild_matmul_transposed_bf16"}
+# weight dtype -> FFI target of the transposed product (`native_library.TARGETS`); `bild_matmul` takes either.
+_TRANSPOSED_TARGETS = {"float32": "bild_matmul_transposed", "bfloat16": "bild_matmul_transposed_bf16"}
 
 
 def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
@@ -38,10 +38,22 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
     kernel where `native_applies`, else XLA's dot (a bfloat16 kernel with float32 rows widened first)."""
     dense = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
     if dense and preferred_element_type in (None, jnp.float32) and native_applies(lhs, rhs):
-        return _native_product(lhs, rhs, False)
+        return _native_products(lhs, rhs)[0]
     lhs, rhs = widened(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
+
+
+def dense_products(x: jax.Array, kernels: Sequence[jax.Array]) -> list[jax.Array]:
+    """x [..., K] @ kernel [K, N_i] for each kernel, as `dense_dot_general` computes each: [..., N_i].
+
+    Where the native kernel takes the whole group (`native_applies_group`), one call streams every kernel
+    with all cores: a decode step's query/key/value projections, or its gate and up projections, cost one
+    call and one wake-up of the helper threads instead of one per kernel (bundled large model: ~1.1x per
+    step). Each product is summed as it would be alone, so the values are those of separate calls."""
+    if native_applies_group(x, kernels):
+        return list(_native_products(x, *kernels))
+    return [dense_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) for kernel in kernels]
 
 
 def promote_dtype(inputs, kernel, bias, dtype=None, inexact: bool = True) -> list:
@@ -56,7 +68,7 @@ def attend(table: jax.Array, x: jax.Array) -> jax.Array:
     """x [..., D] @ table [V, D]^T -> [..., V]: a tied embedding table used as the output layer (what
     `nn.Embed.attend` computes, with both operands promoted to one dtype)."""
     if native_applies(x, table):
-        return _native_product(x, table, True)
+        return _native_transposed(x, table)
     x, table = widened(x, table)
     return jnp.dot(x, table.T)
 
@@ -90,27 +102,47 @@ def native_applies(x: jax.Array, weight: jax.Array) -> bool:
     return x.dtype == jnp.float32 and weight.ndim == 2 and native_reads(weight, math.prod(x.shape[:-1]))
 
 
-def native_reads(weight: jax.Array, rows: int) -> bool:
-    """Whether products of up to `rows` rows with the 2-D `weight` run in the native kernel."""
+def native_applies_group(x: jax.Array, kernels: Sequence[jax.Array]) -> bool:
+    """Whether x [..., K] times every kernel [K, N_i] runs in one native call: kernels of one dtype that
+    together weigh at least `MIN_WEIGHT_BYTES` (a bfloat16 model's decode loop widens its small kernels
+    once per call, `model.for_decode_loop`, so its groups may mix dtypes: each kernel then goes alone)."""
+    if x.dtype != jnp.float32 or len({k.dtype for k in kernels}) != 1 or any(k.ndim != 2 for k in kernels):
+        return False
+    return native_reads(kernels[0], math.prod(x.shape[:-1]), sum(k.size * k.dtype.itemsize for k in kernels))
+
+
+def native_reads(weight: jax.Array, rows: int, group_bytes: int | None = None) -> bool:
+    """Whether products of up to `rows` rows with the 2-D `weight` run in the native kernel; `group_bytes`:
+    the bytes of the kernels it runs with (`native_applies_group`), else its own."""
+    group_bytes = weight.size * weight.dtype.itemsize if group_bytes is None else group_bytes
     return (weight.dtype in (jnp.float32, jnp.bfloat16) and 0 < rows <= MAX_ROWS
-            and weight.size * weight.dtype.itemsize >= MIN_WEIGHT_BYTES
+            and group_bytes >= MIN_WEIGHT_BYTES
             and native_library.on_cpu_device() and native_library.available())
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _native_product(x: jax.Array, weight: jax.Array, transposed: bool) -> jax.Array:
-    columns = weight.shape[0] if transposed else weight.shape[1]
-    call = jax.ffi.ffi_call(_TARGETS[transposed, jnp.dtype(weight.dtype).name],
-                            jax.ShapeDtypeStruct(x.shape[:-1] + (columns,), x.dtype), vmap_method="sequential")
-    return call(x, weight)
+@jax.custom_jvp
+def _native_products(x: jax.Array, *kernels: jax.Array) -> tuple[jax.Array, ...]:
+    outputs = tuple(jax.ShapeDtypeStruct(x.shape[:-1] + (kernel.shape[1],), x.dtype) for kernel in kernels)
+    return jax.ffi.ffi_call("bild_matmul", outputs, vmap_method="sequential")(x, *kernels)
 
 
-@_native_product.defjvp
-def _native_product_jvp(transposed, primals, tangents):
-    (x, weight), (x_dot, weight_dot) = primals, tangents
-    def product(rows, w):
-        w = w.astype(jnp.float32)
-        return rows @ (w.T if transposed else w)
+@_native_products.defjvp
+def _native_products_jvp(primals, tangents):
+    (x, *kernels), (x_dot, *kernel_dots) = primals, tangents
+    return _native_products(x, *kernels), tuple(
+        (x_dot @ kernel.astype(jnp.float32) + x @ kernel_dot.astype(jnp.float32)).astype(jnp.float32)
+        for kernel, kernel_dot in zip(kernels, kernel_dots))
 
-    return _native_product(x, weight, transposed), (product(x_dot, weight) + product(x, weight_dot)
-                                                   ).astype(jnp.float32)
+
+@jax.custom_jvp
+def _native_transposed(x: jax.Array, table: jax.Array) -> jax.Array:
+    call = jax.ffi.ffi_call(_TRANSPOSED_TARGETS[jnp.dtype(table.dtype).name],
+                            jax.ShapeDtypeStruct(x.shape[:-1] + (table.shape[0],), x.dtype), vmap_method="sequential")
+    return call(x, table)
+
+
+@_native_transposed.defjvp
+def _native_transposed_jvp(primals, tangents):
+    (x, table), (x_dot, table_dot) = primals, tangents
+    return _native_transposed(x, table), (x_dot @ table.astype(jnp.float32).T
+                                          + x @ table_dot.astype(jnp.float32).T).astype(jnp.float32)

@@ -24,8 +24,7 @@ from bild_jax.atomic import atomic_path
 
 SOURCE_DIR = Path(__file__).parent / "native"
 # FFI target -> symbol of its handler in the library.
-TARGETS = {"bild_matmul": "BildMatmul", "bild_matmul_bf16": "BildMatmulBf16",
-           "bild_matmul_transposed": "BildMatmulTransposed",
+TARGETS = {"bild_matmul": "BildMatmul", "bild_matmul_transposed": "BildMatmulTransposed",
            "bild_matmul_transposed_bf16": "BildMatmulTransposedBf16",
            "bild_attention": "BildAttention", "bild_widen_after": "BildWidenAfter"}
 

@@ -23,25 +23,27 @@ def _dense(a, w):
     return cpu_matmul.dense_dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())))
 
 
-# K not a multiple of the kernel's 8-row passes or 16 lanes, N not a multiple of its column tiles; the
-# weight (1.1 MB) is above MIN_WEIGHT_BYTES.
-K, N = 389, 700
+# K not a multiple of the kernel's 8- or 16-row blocks or its 16 lanes, N not a multiple of its column tiles;
+# the weight (1.1 MB) is above MIN_WEIGHT_BYTES and streamed one row at a time for one or two rows of x.
+K, N = 389, 701
+# A weight under the kernel's streamed size (467 KB), which it streams eight rows of w at a time.
+NARROW = 300
 
 pytestmark = pytest.mark.skipif(not native_library.available(), reason="no C++ compiler for the native kernel")
 
 
-def _operands(rows: int, seed: int = 0):
+def _operands(rows: int, seed: int = 0, columns: int = N):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((rows, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32))
+    return (rng.standard_normal((rows, K)).astype(np.float32), rng.standard_normal((K, columns)).astype(np.float32))
 
 
 def _lowered(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_products_match_float64_and_each_row_alone(transposed):
-    x, w = _operands(11)
+@pytest.mark.parametrize("transposed,columns", [(False, N), (False, NARROW), (True, N)])
+def test_products_match_float64_and_each_row_alone(transposed, columns):
+    x, w = _operands(11, columns=columns)
     weight = w.T.copy() if transposed else w
 
     def product(a):
@@ -51,12 +53,36 @@ def test_products_match_float64_and_each_row_alone(transposed):
     assert "bild_matmul" in _lowered(product, x)
     block = np.asarray(jax.jit(product)(x))
     np.testing.assert_allclose(block, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-4)
-    # Summed in one order whatever the rows: a verification block's logits are the one-token steps' logits.
-    for row in (0, 5, 10):
-        np.testing.assert_array_equal(np.asarray(jax.jit(product)(x[row:row + 1])), block[row:row + 1])
+    # Summed in one order whatever the rows (streamed for one or two, in tiles of rows for more): a
+    # verification block's logits are the one-token steps' logits.
+    for rows in ((0,), (5,), (10,), (3, 4), (0, 1, 2), (2, 3, 4, 5, 6, 7, 8)):
+        np.testing.assert_array_equal(np.asarray(jax.jit(product)(x[list(rows)])), block[list(rows)])
     # Leading axes are rows too.
     stacked = np.asarray(jax.jit(product)(x[:10].reshape(2, 5, K)))
-    np.testing.assert_array_equal(stacked.reshape(10, N), block[:10])
+    np.testing.assert_array_equal(stacked.reshape(10, columns), block[:10])
+
+
+def test_a_group_of_kernels_is_one_call_with_each_kernel_s_own_sums():
+    """q/k/v (or gate/up) products of one row block in one native call: the values of separate calls."""
+    x, w = _operands(11, seed=4)
+    kernels = [jnp.asarray(w), jnp.asarray(w[:, :NARROW] * 0.5), jnp.asarray(w[:, :100])]  # each native alone too
+
+    def group(a):
+        return cpu_matmul.dense_products(a, kernels)
+
+    assert cpu_matmul.native_applies_group(jnp.asarray(x[:1]), kernels)
+    assert _lowered(group, x[:1]).count("bild_matmul") == 1
+    for rows in (x[:1], x[:2], x):
+        grouped = jax.jit(group)(rows)
+        for got, kernel in zip(grouped, kernels):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(_dense)(rows, kernel)))
+    # Kernels of two dtypes go one by one (the small ones alone too small for the kernel: XLA's dot).
+    mixed = [kernels[0].astype(jnp.bfloat16), kernels[2][:, :40]]
+    assert not cpu_matmul.native_applies_group(jnp.asarray(x[:1]), mixed)
+    text = _lowered(lambda a: cpu_matmul.dense_products(a, mixed), x[:1])
+    assert text.count("bild_matmul") == 1
+    np.testing.assert_array_equal(np.asarray(cpu_matmul.dense_products(jnp.asarray(x[:1]), mixed)[1]),
+                                  np.asarray(jnp.asarray(x[:1]) @ mixed[1]))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -68,9 +94,11 @@ def test_bfloat16_weights_give_the_sums_of_their_float32_copy(transposed):
     def product(a, weight):
         return cpu_matmul.attend(weight, a) if transposed else _dense(a, weight)
 
-    assert "bild_matmul_transposed_bf16" in _lowered(product, x, half) if transposed else \
-        "bild_matmul_bf16" in _lowered(product, x, half)
-    np.testing.assert_array_equal(np.asarray(jax.jit(product)(x, half)), np.asarray(jax.jit(product)(x, widened)))
+    text = _lowered(product, x, half)
+    assert ("bild_matmul_transposed_bf16" if transposed else "bild_matmul") in text and "xbf16>" in text
+    for rows in (x[:1], x):  # streamed, and in tiles of rows
+        np.testing.assert_array_equal(np.asarray(jax.jit(product)(rows, half)),
+                                      np.asarray(jax.jit(product)(rows, widened)))
 
 
 def test_wide_products_widen_bfloat16_weights_after_their_rows():
@@ -193,7 +221,12 @@ def test_models_decode_through_the_kernel(every_weight_native, bild_pair, kind):
     def step(ids):
         return bild_jax.forward_logits(large, ids, decoder_ids)
 
-    assert "bild_matmul" in jax.jit(step).lower(ids).as_text()
+    text = jax.jit(step).lower(ids).as_text()
+    assert "bild_matmul" in text
+    if kind == "llama":  # per layer: q/k/v in one call, o, gate/up in one call, down; then the output layer
+        config = large.config
+        head = 0 if config.tie_word_embeddings else 1
+        assert text.count("custom_call @bild_matmul(") == 4 * config.num_layers + head
     native = np.asarray(step(ids))
     with pytest.MonkeyPatch.context() as off:
         off.setenv("BILD_JAX_NATIVE_MATMUL", "0")

@@ -21,6 +21,34 @@ Dense = functools.partial(nn.Dense, dot_general=cpu_matmul.dense_dot_general,
                           promote_dtype=cpu_matmul.promote_dtype)
 
 
+class DenseWeights(nn.Module):
+    """A `Dense` layer's params alone, under the same names and initializers (kernel [in, features], bias
+    [features]), for layers that read one input together (`dense_group`). Call: in_features -> (kernel,
+    bias or None)."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
+        return kernel, bias
+
+
+def dense_group(x: jax.Array, layers: list[DenseWeights]) -> list[jax.Array]:
+    """x [..., K] through each of `layers` ([..., features_i] each), the values `Dense` computes; on CPU a
+    decode step computes the products in one native call (`cpu_matmul.dense_products`)."""
+    weights = [layer(x.shape[-1]) for layer in layers]
+    promoted = [cpu_matmul.promote_dtype(x, kernel, bias) for kernel, bias in weights]
+    if len({inputs.dtype for inputs, _, _ in promoted}) == 1:
+        outputs = cpu_matmul.dense_products(promoted[0][0], [kernel for _, kernel, _ in promoted])
+    else:
+        outputs = [cpu_matmul.dense_products(inputs, [kernel])[0] for inputs, kernel, _ in promoted]
+    return [y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+            for y, (_, _, bias) in zip(outputs, promoted)]
+
+
 def attend(table: nn.Embed, h: jax.Array) -> jax.Array:
     """`table.attend(h)`, the tied embedding as the output layer: h [..., D] -> logits [..., V]."""
     return cpu_matmul.attend(table.embedding, h)

@@ -17,8 +17,8 @@ import numpy as np
 
 from bild_jax.cache import KVCache
 from bild_jax.errors import Unsupported
-from bild_jax.models.layers import (Dense, RMSNorm, activation, attend, attention, cached_keys_values,
-                                    decoder_positions_and_mask, kv_block, sliding_window_mask, softcap)
+from bild_jax.models.layers import (Dense, DenseWeights, RMSNorm, activation, attend, attention, cached_keys_values,
+                                    decoder_positions_and_mask, dense_group, kv_block, sliding_window_mask, softcap)
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
 from bild_jax.rows import take_at
@@ -209,9 +209,9 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, mask, cache):
         cfg = self.config
         batch, width, _ = x.shape
-        q = Dense(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="q_proj")(x)
-        k = Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="k_proj")(x)
-        v = Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="v_proj")(x)
+        q, k, v = dense_group(x, [DenseWeights(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, name="q_proj"),
+                                  DenseWeights(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, name="k_proj"),
+                                  DenseWeights(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, name="v_proj")])
         q = q.reshape(batch, width, cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, width, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
@@ -234,8 +234,8 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(x)
-        up = Dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(x)
+        gate, up = dense_group(x, [DenseWeights(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj"),
+                                   DenseWeights(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")])
         return Dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(activation(cfg.hidden_act)(gate) * up)
 
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "threads.h"
@@ -31,7 +32,10 @@ using bild::ChunkCount;
 using bild::InChunks;
 
 constexpr int64_t kRows = 8;    // rows of w per pass over the outputs when streaming, so y is read and written K/8 times
-constexpr int64_t kLanes = 16;  // partial sums of a transposed dot product, added in a fixed order
+constexpr int64_t kSequentialRows = 2;  // up to this many rows of x, w is streamed; more are tiled (StreamRows)
+constexpr int64_t kStreamedBytes = 512 * 1024;  // weights this large are streamed one row of w per pass
+constexpr int64_t kBlock = 16;  // rows of w per block of a tiled product
+constexpr int64_t kTransposedRows = 4, kTransposedColumns = 4;  // output tile of a transposed product
 
 inline float Widen(float w) { return w; }
 inline float Widen(uint16_t w) {  // bfloat16 is the top half of a float32
@@ -52,11 +56,12 @@ struct Product {
 // Every output of out[M, N] = x[:, k0:k1] @ w[k0:k1, :] is the same sum, out = fma(x_k, w_k, out) for
 // k = k0, k0 + 1, ..., k1 - 1 from 0, in the vector loop and the scalar one alike. Explicit AVX-512 or AVX2
 // code (GCC's own vectorization of the scalar loop was slower, about 5% per step); the scalar loop computes
-// the same fused multiply-adds on other CPUs and for the last columns. (Register tiles of 4 rows x
-// 32 columns held over the whole chunk were tried for verification blocks: 1.3x slower at 11 rows.)
+// the same fused multiply-adds on other CPUs and for the last columns.
 #if defined(__AVX512F__)
 using Vector = __m512;  // 16 lanes
 constexpr int64_t kVector = 16;
+constexpr int64_t kTileRows = 6, kTileVectors = 4;  // 24 of the 32 vector registers hold outputs
+constexpr int64_t kLanes = kVector;  // partial sums of a transposed dot product, added in a fixed order
 inline Vector Load(const float* w) { return _mm512_loadu_ps(w); }
 inline Vector Load(const uint16_t* w) {  // bfloat16 widened
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
@@ -69,6 +74,8 @@ inline void Store(float* y, Vector v) { _mm512_storeu_ps(y, v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vector = __m256;  // 8 lanes
 constexpr int64_t kVector = 8;
+constexpr int64_t kTileRows = 4, kTileVectors = 2;  // 8 of the 16 vector registers hold outputs
+constexpr int64_t kLanes = kVector;  // partial sums of a transposed dot product, added in a fixed order
 inline Vector Load(const float* w) { return _mm256_loadu_ps(w); }
 inline Vector Load(const uint16_t* w) {  // bfloat16 widened
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
@@ -80,26 +87,31 @@ inline Vector LoadOutputs(const float* y) { return _mm256_loadu_ps(y); }
 inline void Store(float* y, Vector v) { _mm256_storeu_ps(y, v); }
 #else
 constexpr int64_t kVector = 0;  // no vector code: the scalar loop does everything
+constexpr int64_t kTileRows = 6, kTileVectors = 1;
+constexpr int64_t kLanes = 16;
 #endif
 
-// w's rows are streamed in order, 8 at a time, each row of x keeping its outputs in registers over those 8;
-// the rows of x after the first find the 8 rows of w in cache.
-template <typename W>
-void StreamRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
-  std::memset(out, 0, p.m * p.n * sizeof(float));
-  for (int64_t kk = k0; kk < k1; kk += kRows) {
-    const int64_t rows = std::min(kRows, k1 - kk);
+// One or two rows of x (decode steps): w's rows are streamed in order, R at a time, each row of x keeping
+// its outputs in registers over those R. R = 1 reads w strictly in order, which the hardware prefetcher
+// follows best: for a weight read from memory (over kStreamedBytes) it is 1.1-1.6x faster than R = 8 on
+// one core (Zen 4, 384 x 128 to 1024 x 384 float32). A smaller weight is likely in cache, where the loads
+// and stores of the outputs, once per multiply-add at R = 1, cost more, and R = 8 reads and writes them
+// K/8 times.
+template <int64_t R, typename W>
+void StreamRowBlocks(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
+  for (int64_t kk = k0; kk < k1; kk += R) {
+    const int64_t rows = std::min(R, k1 - kk);
     const W* __restrict w = p.w + kk * p.n;
     for (int64_t r = 0; r < p.m; ++r) {
       const float* x = p.x + r * p.k + kk;
       float* __restrict y = out + r * p.n;
       int64_t j = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-      if (rows == kRows) {
+      if (rows == R) {
         for (; j + kVector <= p.n; j += kVector) {
           Vector sum = LoadOutputs(y + j);
 #pragma GCC unroll 8
-          for (int64_t i = 0; i < kRows; ++i) sum = Fma(Broadcast(x[i]), Load(w + i * p.n + j), sum);
+          for (int64_t i = 0; i < R; ++i) sum = Fma(Broadcast(x[i]), Load(w + i * p.n + j), sum);
           Store(y + j, sum);
         }
       }
@@ -110,21 +122,157 @@ void StreamRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict o
   }
 }
 
-// y[:, n0:n1] = x @ w[n0:n1, :]^T: one dot product of length K per output, w's rows read in order.
+// More rows (verification blocks) make the product compute-bound: a tile of MR rows x V vectors of outputs
+// stays in registers over kBlock rows of w, so that each vector of w read feeds MR multiply-adds and the
+// outputs are read and written K/kBlock times. w is read block by block, each block in order and the next
+// one prefetched, since a tile's walk down a block's columns alone would defeat the hardware prefetcher.
+// (Zen 4, one core, 11 rows from memory: 1.6-2.1x faster than streaming with R = 8; tiles held over the
+// whole chunk, walking w by columns, were 1.3x slower than it.)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+template <int64_t MR, int64_t V, int64_t KB, typename W>
+int64_t TileColumns(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, int64_t j, float* __restrict out) {
+  const W* __restrict w = p.w + kk * p.n;
+  const float* x = p.x + r0 * p.k + kk;
+  float* __restrict y = out + r0 * p.n;
+  for (; j + V * kVector <= p.n; j += V * kVector) {
+    Vector sum[MR][V];
+    for (int64_t r = 0; r < MR; ++r)
+      for (int64_t v = 0; v < V; ++v) sum[r][v] = LoadOutputs(y + r * p.n + j + v * kVector);
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < (KB > 0 ? KB : rows); ++i) {
+      Vector wv[V];
+      for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * p.n + j + v * kVector);
+      for (int64_t r = 0; r < MR; ++r) {
+        const Vector xr = Broadcast(x[r * p.k + i]);
+        for (int64_t v = 0; v < V; ++v) sum[r][v] = Fma(xr, wv[v], sum[r][v]);
+      }
+    }
+    for (int64_t r = 0; r < MR; ++r)
+      for (int64_t v = 0; v < V; ++v) Store(y + r * p.n + j + v * kVector, sum[r][v]);
+  }
+  return j;
+}
+#endif
+
+// Outputs of rows r0 .. r0 + MR from rows kk .. kk + rows of w: tiles of kTileVectors vectors, then of one,
+// then the last columns one by one.
+template <int64_t MR, typename W>
+void TileBlock(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, float* __restrict out) {
+  int64_t j = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if (rows == kBlock) {
+    j = TileColumns<MR, kTileVectors, kBlock>(p, r0, kk, rows, j, out);
+    j = TileColumns<MR, 1, kBlock>(p, r0, kk, rows, j, out);
+  } else {
+    j = TileColumns<MR, kTileVectors, 0>(p, r0, kk, rows, j, out);
+    j = TileColumns<MR, 1, 0>(p, r0, kk, rows, j, out);
+  }
+#endif
+  const W* __restrict w = p.w + kk * p.n;
+  for (; j < p.n; ++j)
+    for (int64_t r = 0; r < MR; ++r) {
+      float* y = out + (r0 + r) * p.n + j;
+      for (int64_t i = 0; i < rows; ++i) *y = std::fma(p.x[(r0 + r) * p.k + kk + i], Widen(w[i * p.n + j]), *y);
+    }
+}
+
+template <typename W>
+void TileRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
+  for (int64_t kk = k0; kk < k1; kk += kBlock) {
+    const int64_t rows = std::min(kBlock, k1 - kk);
+    if (kk + 2 * kBlock <= k1) {
+      const char* next = reinterpret_cast<const char*>(p.w + (kk + kBlock) * p.n);
+      for (int64_t byte = 0; byte < kBlock * p.n * int64_t{sizeof(W)}; byte += 64) __builtin_prefetch(next + byte);
+    }
+    for (int64_t r0 = 0; r0 < p.m; r0 += kTileRows) {
+      switch (std::min(kTileRows, p.m - r0)) {
+        case 1: TileBlock<1>(p, r0, kk, rows, out); break;
+        case 2: TileBlock<2>(p, r0, kk, rows, out); break;
+        case 3: TileBlock<3>(p, r0, kk, rows, out); break;
+        case 4: TileBlock<4>(p, r0, kk, rows, out); break;
+        case 5: TileBlock<5>(p, r0, kk, rows, out); break;
+        default: TileBlock<kTileRows>(p, r0, kk, rows, out); break;
+      }
+    }
+  }
+}
+
+// out[M, N] = x[:, k0:k1] @ w[k0:k1, :]. Every way gives the same sums: each output is fma(x_k, w_k, out)
+// over k in order from 0, whatever the rows computed with it.
+template <typename W>
+void StreamRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
+  std::memset(out, 0, p.m * p.n * sizeof(float));
+  if (p.m > kSequentialRows)
+    TileRows(p, k0, k1, out);
+  else if (p.k * p.n * int64_t{sizeof(W)} >= kStreamedBytes)
+    StreamRowBlocks<1>(p, k0, k1, out);
+  else
+    StreamRowBlocks<kRows>(p, k0, k1, out);
+}
+
+// y[r0:r0 + RR, c0:c0 + CR] of y = x @ w^T: each output a dot product of length K in kLanes partial sums
+// (lane l takes d = l, l + kLanes, ...; multiply-adds fused), added in lane order. A tile of RR rows x CR
+// columns of outputs loads each vector of w once for RR rows and each vector of x once for CR columns, so
+// that a verification block is not bound by loads; every tile shape gives an output the same sum.
+template <int64_t RR, int64_t CR, typename W>
+void TransposedTile(const Product<W>& p, int64_t r0, int64_t c0) {
+  float lanes[RR][CR][kLanes];
+  int64_t d = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  static_assert(kLanes == kVector, "one vector of partial sums per output");
+  Vector sum[RR][CR];
+  for (int64_t r = 0; r < RR; ++r)
+    for (int64_t c = 0; c < CR; ++c) sum[r][c] = Broadcast(0.0f);
+  for (; d + kLanes <= p.k; d += kLanes) {
+    Vector wv[CR];
+    for (int64_t c = 0; c < CR; ++c) wv[c] = Load(p.w + (c0 + c) * p.k + d);
+    for (int64_t r = 0; r < RR; ++r) {
+      const Vector xv = LoadOutputs(p.x + (r0 + r) * p.k + d);
+      for (int64_t c = 0; c < CR; ++c) sum[r][c] = Fma(xv, wv[c], sum[r][c]);
+    }
+  }
+  for (int64_t r = 0; r < RR; ++r)
+    for (int64_t c = 0; c < CR; ++c) Store(lanes[r][c], sum[r][c]);
+#else
+  for (int64_t r = 0; r < RR; ++r)
+    for (int64_t c = 0; c < CR; ++c) std::fill(lanes[r][c], lanes[r][c] + kLanes, 0.0f);
+  for (; d + kLanes <= p.k; d += kLanes)
+    for (int64_t r = 0; r < RR; ++r)
+      for (int64_t c = 0; c < CR; ++c)
+        for (int64_t l = 0; l < kLanes; ++l)
+          lanes[r][c][l] = std::fma(p.x[(r0 + r) * p.k + d + l], Widen(p.w[(c0 + c) * p.k + d + l]), lanes[r][c][l]);
+#endif
+  for (int64_t r = 0; r < RR; ++r)
+    for (int64_t c = 0; c < CR; ++c) {
+      for (int64_t l = 0; d + l < p.k; ++l)
+        lanes[r][c][l] = std::fma(p.x[(r0 + r) * p.k + d + l], Widen(p.w[(c0 + c) * p.k + d + l]), lanes[r][c][l]);
+      float total = 0.0f;
+      for (int64_t l = 0; l < kLanes; ++l) total += lanes[r][c][l];
+      p.y[(r0 + r) * p.n + c0 + c] = total;
+    }
+}
+
+// y[:, n0:n1] = x @ w[n0:n1, :]^T in tiles of up to kTransposedRows rows x kTransposedColumns columns.
 template <typename W>
 void TransposedProduct(const Product<W>& p, int64_t n0, int64_t n1) {
-  for (int64_t col = n0; col < n1; ++col) {
-    const W* __restrict w = p.w + col * p.k;
-    for (int64_t r = 0; r < p.m; ++r) {
-      const float* __restrict x = p.x + r * p.k;
-      float lanes[kLanes] = {};
-      int64_t d = 0;
-      for (; d + kLanes <= p.k; d += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[d + l] * Widen(w[d + l]);
-      for (int64_t l = 0; d < p.k; ++d, ++l) lanes[l] += x[d] * Widen(w[d]);
-      float sum = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
-      p.y[r * p.n + col] = sum;
+  for (int64_t r0 = 0; r0 < p.m; r0 += kTransposedRows) {
+    const int64_t rows = std::min(kTransposedRows, p.m - r0);
+    int64_t c0 = n0;
+    for (; c0 + kTransposedColumns <= n1; c0 += kTransposedColumns) {
+      switch (rows) {
+        case 1: TransposedTile<1, kTransposedColumns>(p, r0, c0); break;
+        case 2: TransposedTile<2, kTransposedColumns>(p, r0, c0); break;
+        case 3: TransposedTile<3, kTransposedColumns>(p, r0, c0); break;
+        default: TransposedTile<kTransposedRows, kTransposedColumns>(p, r0, c0); break;
+      }
+    }
+    for (; c0 < n1; ++c0) {
+      switch (rows) {
+        case 1: TransposedTile<1, 1>(p, r0, c0); break;
+        case 2: TransposedTile<2, 1>(p, r0, c0); break;
+        case 3: TransposedTile<3, 1>(p, r0, c0); break;
+        default: TransposedTile<kTransposedRows, 1>(p, r0, c0); break;
+      }
     }
   }
 }
@@ -142,25 +290,77 @@ ffi::Error Shapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<T>& w, bool 
   return ffi::Error::Success();
 }
 
-template <ffi::DataType T>
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
-  Product<ffi::NativeType<T>> p;
-  if (ffi::Error error = Shapes(x, w, false, &p); error.failure()) return error;
-  p.y = y->typed_data();
-  // Chunks of w's rows, each summed into its own partial (chunk 0 straight into y), then added in order.
-  const int64_t chunks = ChunkCount(pool, p.k / (4 * kRows));
-  const int64_t rows = ((p.k + chunks - 1) / chunks + kRows - 1) / kRows * kRows;
-  const int64_t size = p.m * p.n;
-  std::vector<float> partials((chunks - 1) * size);
-  InChunks(pool, chunks, [&](int64_t c) {
-    const int64_t k0 = std::min(p.k, c * rows);
-    StreamRows(p, k0, std::min(p.k, k0 + rows), c == 0 ? p.y : partials.data() + (c - 1) * size);
-  });
-  for (int64_t c = 1; c < chunks; ++c) {
-    const float* __restrict part = partials.data() + (c - 1) * size;
-    for (int64_t j = 0; j < size; ++j) p.y[j] += part[j];
+// The products of one row block with every weight of a group, in one pass of the threads over all of
+// their chunks: a decode step's query/key/value (or gate/up) projections cost one call, not three, and a
+// helper thread that finishes one weight's chunks goes on with the next weight's. Each weight is split as
+// if it were alone (its own chunks of w's rows, each summed into its own partial, chunk 0 straight into y,
+// then added in order), so a product's sums do not depend on the group it is computed in.
+template <typename W>
+void Products(ffi::ThreadPool& pool, const std::vector<Product<W>>& products) {
+  struct Split {
+    int64_t first_chunk, chunks, rows;
+    float* partials;
+  };
+  std::vector<Split> splits;
+  int64_t total = 0;
+  size_t partial_floats = 0;
+  for (const Product<W>& p : products) {
+    const int64_t chunks = ChunkCount(pool, p.k / (4 * kRows));
+    const int64_t rows = ((p.k + chunks - 1) / chunks + kRows - 1) / kRows * kRows;
+    splits.push_back({total, chunks, rows, nullptr});
+    total += chunks;
+    partial_floats += (chunks - 1) * p.m * p.n;
   }
-  return ffi::Error::Success();
+  std::vector<float> partials(partial_floats);
+  for (size_t i = 0, offset = 0; i < products.size(); ++i) {
+    splits[i].partials = partials.data() + offset;
+    offset += (splits[i].chunks - 1) * products[i].m * products[i].n;
+  }
+  InChunks(pool, total, [&](int64_t chunk) {
+    size_t i = 0;
+    while (chunk >= splits[i].first_chunk + splits[i].chunks) ++i;
+    const Product<W>& p = products[i];
+    const Split& split = splits[i];
+    const int64_t c = chunk - split.first_chunk;
+    const int64_t k0 = std::min(p.k, c * split.rows);
+    StreamRows(p, k0, std::min(p.k, k0 + split.rows), c == 0 ? p.y : split.partials + (c - 1) * p.m * p.n);
+  });
+  for (size_t i = 0; i < products.size(); ++i) {
+    const Product<W>& p = products[i];
+    const int64_t size = p.m * p.n;
+    for (int64_t c = 1; c < splits[i].chunks; ++c) {
+      const float* __restrict part = splits[i].partials + (c - 1) * size;
+      for (int64_t j = 0; j < size; ++j) p.y[j] += part[j];
+    }
+  }
+}
+
+// ys[i][..., N_i] = x[..., K] @ ws[i][K, N_i] for a group of weights of one dtype, float32 or bfloat16.
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
+                  ffi::RemainingRets outputs) {
+  if (weights.size() == 0 || weights.size() != outputs.size())
+    return ffi::Error::InvalidArgument("bild_matmul: one output per weight expected");
+  auto first = weights.get<ffi::AnyBuffer>(0);
+  if (first.has_error()) return first.error();
+  const ffi::DataType dtype = first->element_type();
+  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("bild_matmul: float32 or bfloat16 weights expected");
+  auto run = [&](auto typed) -> ffi::Error {
+    using W = decltype(typed);
+    constexpr ffi::DataType T = std::is_same_v<W, float> ? ffi::DataType::F32 : ffi::DataType::BF16;
+    std::vector<Product<W>> products(weights.size());
+    for (size_t i = 0; i < weights.size(); ++i) {
+      auto w = weights.get<ffi::Buffer<T>>(i);
+      auto y = outputs.get<ffi::Buffer<ffi::F32>>(i);
+      if (w.has_error()) return ffi::Error::InvalidArgument("bild_matmul: the weights of a group share one dtype");
+      if (y.has_error()) return y.error();
+      if (ffi::Error error = Shapes(x, *w, false, &products[i]); error.failure()) return error;
+      products[i].y = (*y)->typed_data();
+    }
+    Products(pool, products);
+    return ffi::Error::Success();
+  };
+  return dtype == ffi::DataType::F32 ? run(float{}) : run(uint16_t{});
 }
 
 template <ffi::DataType T>
@@ -183,7 +383,8 @@ ffi::Error MatmulTransposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 #define BILD_BINDING(T)                                                                                  \
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmul, Matmul<ffi::F32>, BILD_BINDING(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmulBf16, Matmul<ffi::BF16>, BILD_BINDING(ffi::BF16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmul, Matmul,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs()
+                                  .RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmulTransposed, MatmulTransposed<ffi::F32>, BILD_BINDING(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BildMatmulTransposedBf16, MatmulTransposed<ffi::BF16>, BILD_BINDING(ffi::BF16));
