@@ -49,8 +49,8 @@ def dense_products(x: jax.Array, kernels: Sequence[jax.Array]) -> list[jax.Array
 
     Where the native kernel takes the whole group (`native_applies_group`), one call streams every kernel
     with all cores: a decode step's query/key/value projections, or its gate and up projections, cost one
-    call and one wake-up of the helper threads instead of one per kernel (bundled large model: ~1.1x per
-    step). Each product is summed as it would be alone, so the values are those of separate calls."""
+    call and one wake-up of the helper threads instead of one per kernel (bundled large model's greedy step:
+    1.02-1.05x faster). Each product is summed as it would be alone, so the values are those of separate calls."""
     if native_applies_group(x, kernels):
         return list(_native_products(x, *kernels))
     return [dense_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) for kernel in kernels]

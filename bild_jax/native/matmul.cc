@@ -93,8 +93,8 @@ constexpr int64_t kLanes = 16;
 
 // One or two rows of x (decode steps): w's rows are streamed in order, R at a time, each row of x keeping
 // its outputs in registers over those R. R = 1 reads w strictly in order, which the hardware prefetcher
-// follows best: for a weight read from memory (over kStreamedBytes) it is 1.1-1.6x faster than R = 8 on
-// one core (Zen 4, 384 x 128 to 1024 x 384 float32). A smaller weight is likely in cache, where the loads
+// follows best: for a weight read from memory (over kStreamedBytes) it was 1.1x (384 x 1024) to 2.5x
+// (384 x 128) faster than R = 8 on one core (Zen 4, float32). A smaller weight is likely in cache, where the loads
 // and stores of the outputs, once per multiply-add at R = 1, cost more, and R = 8 reads and writes them
 // K/8 times.
 template <int64_t R, typename W>
@@ -126,8 +126,9 @@ void StreamRowBlocks(const Product<W>& p, int64_t k0, int64_t k1, float* __restr
 // stays in registers over kBlock rows of w, so that each vector of w read feeds MR multiply-adds and the
 // outputs are read and written K/kBlock times. w is read block by block, each block in order and the next
 // one prefetched, since a tile's walk down a block's columns alone would defeat the hardware prefetcher.
-// (Zen 4, one core, 11 rows from memory: 1.6-2.1x faster than streaming with R = 8; tiles held over the
-// whole chunk, walking w by columns, were 1.3x slower than it.)
+// (Zen 4, one core, 11 rows from memory: 1.6-2.1x faster than streaming with R = 8, though a whole
+// verification pass of the bundled large model gained far less; tiles held over the whole chunk, walking w
+// by columns, were 1.3x slower than R = 8.)
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <int64_t MR, int64_t V, int64_t KB, typename W>
 int64_t TileColumns(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, int64_t j, float* __restrict out) {
