@@ -61,6 +61,11 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    @property
+    def dtype(self):
+        """The dtype of its keys and values: the one the model computes in (`Model.start_cache`)."""
+        return self.keys[0].dtype
+
     def with_lengths(self, lengths: jax.Array) -> "KVCache":
         """The same cache with its write cursors moved (truncation or commit); [B] int32."""
         return self.replace(lengths=lengths.astype(jnp.int32))

@@ -8,8 +8,8 @@ the same whatever rows share the call: the logits of a verification block equal 
 It takes the products that are worth it and leaves the rest to XLA, decided at trace time from static
 shapes: float32 rows times a float32 or bfloat16 weight (widened exactly as it is read, so a bfloat16 model
 reads half the bytes of its float32 copy and gets the same sums), a weight (or a group of weights read with
-one input, `dense_products`) of at least `MIN_WEIGHT_BYTES` (smaller ones sit in cache, where XLA's dot is
-as fast), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and training
+one input, `dense_products`) of at least `MIN_WEIGHT_BYTES` as float32 (smaller ones sit in cache, where
+XLA's dot is as fast; a bfloat16 weight counts as the float32 copy XLA's dot would read), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and training
 batches are compute-bound), one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner
 splits), the kernels built (`native_library`). Differentiable: derivatives are XLA dots.
 """
@@ -104,17 +104,18 @@ def native_applies(x: jax.Array, weight: jax.Array) -> bool:
 
 def native_applies_group(x: jax.Array, kernels: Sequence[jax.Array]) -> bool:
     """Whether x [..., K] times every kernel [K, N_i] runs in one native call: kernels of one dtype that
-    together weigh at least `MIN_WEIGHT_BYTES` (a bfloat16 model's decode loop widens its small kernels
-    once per call, `model.for_decode_loop`, so its groups may mix dtypes: each kernel then goes alone)."""
+    together weigh at least `MIN_WEIGHT_BYTES` as float32 (a bfloat16 model's decode loop widens its small
+    kernels once per call, `model.for_decode_loop`, so its groups may mix dtypes: each kernel then goes
+    alone)."""
     if x.dtype != jnp.float32 or len({k.dtype for k in kernels}) != 1 or any(k.ndim != 2 for k in kernels):
         return False
-    return native_reads(kernels[0], math.prod(x.shape[:-1]), sum(k.size * k.dtype.itemsize for k in kernels))
+    return native_reads(kernels[0], math.prod(x.shape[:-1]), sum(4 * k.size for k in kernels))
 
 
 def native_reads(weight: jax.Array, rows: int, group_bytes: int | None = None) -> bool:
     """Whether products of up to `rows` rows with the 2-D `weight` run in the native kernel; `group_bytes`:
-    the bytes of the kernels it runs with (`native_applies_group`), else its own."""
-    group_bytes = weight.size * weight.dtype.itemsize if group_bytes is None else group_bytes
+    the float32 bytes of the kernels it runs with (`native_applies_group`), else its own."""
+    group_bytes = 4 * weight.size if group_bytes is None else group_bytes
     return (weight.dtype in (jnp.float32, jnp.bfloat16) and 0 < rows <= MAX_ROWS
             and group_bytes >= MIN_WEIGHT_BYTES
             and native_library.on_cpu_device() and native_library.available())

@@ -112,7 +112,7 @@ def for_decode_loop(model: Model, rows: int) -> Model:
     if decode_loop_dtype(model) == model.dtype:
         return model
     return model.replace(params=jax.tree_util.tree_map_with_path(
-        lambda path, p: p if _kept_in_loop(path, p, rows) else p.astype(jnp.float32), model.params))
+        lambda path, p: p if _kept_in_loop(model, path, p, rows) else p.astype(jnp.float32), model.params))
 
 
 def loop_copy_bytes(model: Model, rows: int) -> int:
@@ -120,14 +120,16 @@ def loop_copy_bytes(model: Model, rows: int) -> int:
     if decode_loop_dtype(model) == model.dtype:
         return 0
     return sum(4 * p.size for path, p in jax.tree_util.tree_leaves_with_path(model.params)
-               if not _kept_in_loop(path, p, rows))
+               if not _kept_in_loop(model, path, p, rows))
 
 
-def _kept_in_loop(path, param, rows: int) -> bool:
-    """Whether a half-precision param stays as it is in the CPU decode loop: a Dense kernel the native
-    kernel reads (layers.Dense names it "kernel")."""
-    return (getattr(path[-1], "key", None) == "kernel" and param.dtype == jnp.bfloat16
-            and cpu_matmul.native_reads(param, rows))
+def _kept_in_loop(model: Model, path, param, rows: int) -> bool:
+    """Whether a half-precision param stays as it is in the CPU decode loop: a weight the native kernel
+    reads, a Dense kernel (layers.Dense names it "kernel") or the family's output table (whose lookups the
+    module casts to the cache's dtype; read as a bfloat16 table it costs half the bytes of a float32 copy)."""
+    names = tuple(getattr(key, "key", None) for key in path)
+    return (param.dtype == jnp.bfloat16 and cpu_matmul.native_reads(param, rows)
+            and (names[-1] == "kernel" or names == model.family.output_table(model.config)))
 
 
 def decode_loop_dtype(model: Model):

@@ -118,25 +118,44 @@ def test_wide_products_widen_bfloat16_weights_after_their_rows():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, every_weight_native):
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "gpt2-tied"])
+def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, every_weight_native, kind):
+    """Llama (untied and tied) and GPT-2 (tied): the loop keeps the Dense kernels and the output table in
+    bfloat16, computes in float32, and decodes bitwise as the model's float32 copy does."""
     from bild_jax.model import for_decode_loop, loop_copy_bytes
 
-    _, large = bild_pair("llama")
-    half = large.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), large.params))
+    model = {"llama": lambda: bild_pair("llama")[1], "llama-tied": lambda: bild_jax.load_model("bundled:small"),
+             "gpt2-tied": lambda: bild_pair("mixed")[0]}[kind]()
+    half = model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
+    widened = half.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), half.params))
+    table = model.family.output_table(model.config)
+    assert (table is not None) == kind.endswith("tied")
     kept = for_decode_loop(half, rows=4)
-    dtypes = {"/".join(str(k.key) for k in path): p.dtype for path, p in jax.tree_util.tree_leaves_with_path(kept.params)}
-    assert all(dtype == (jnp.bfloat16 if name.endswith("kernel") else jnp.float32) for name, dtype in dtypes.items())
+    dtypes = {tuple(k.key for k in path): p.dtype for path, p in jax.tree_util.tree_leaves_with_path(kept.params)}
+    assert all(dtype == (jnp.bfloat16 if name[-1] == "kernel" or name == table else jnp.float32)
+               for name, dtype in dtypes.items())
     assert kept.dtype == jnp.float32  # it computes in float32
     copied = sum(4 * p.size for name, p in zip(dtypes, jax.tree_util.tree_leaves(half.params))
-                 if not name.endswith("kernel"))
+                 if dtypes[name] == jnp.float32)
     assert loop_copy_bytes(half, rows=4) == copied
     # Past MAX_ROWS the loop's products are XLA's, which reads float32 copies of everything.
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(for_decode_loop(half, rows=64).params))
-    prompts = [[3, 5, 7, 9, 11]]
+
+    @jax.jit
+    def prompt_then_step(model, prompts):  # the loop's passes: a prompt pass, then a one-token step
+        model = for_decode_loop(model, rows=4)
+        cache = model.start_cache(1, 16)
+        first, cache = model.decode_prompt(prompts, jnp.asarray([prompts.shape[1]]), cache)
+        cache = cache.with_lengths(jnp.asarray([prompts.shape[1]]))
+        second, _ = model.decode(jnp.argmax(first, axis=-1)[:, None].astype(jnp.int32), cache)
+        return first, second
+
+    prompts = jnp.asarray([[3, 5, 7, 9, 11]])
+    for got, want in zip(prompt_then_step(half, prompts), prompt_then_step(widened, prompts)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_array_equal(
-        np.asarray(bild_jax.greedy_generate(half, prompts, max_new_tokens=8, eos_token_id=[]).tokens),
-        np.asarray(bild_jax.greedy_generate(half.replace(params=jax.tree_util.tree_map(
-            lambda p: p.astype(jnp.float32), half.params)), prompts, max_new_tokens=8, eos_token_id=[]).tokens))
+        np.asarray(bild_jax.greedy_generate(half, prompts.tolist(), max_new_tokens=8, eos_token_id=[]).tokens),
+        np.asarray(bild_jax.greedy_generate(widened, prompts.tolist(), max_new_tokens=8, eos_token_id=[]).tokens))
 
 
 def test_gradients_are_xla_dots():
@@ -159,6 +178,9 @@ def test_xla_keeps_what_the_kernel_does_not_speed_up(monkeypatch):
     # Too many rows (a prompt pass), too small a weight, another dtype, or switched off: XLA's dot.
     assert not cpu_matmul.native_applies(jnp.asarray(x), jnp.asarray(w))
     assert not cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w[:, :64]))
+    # A bfloat16 weight counts as the float32 copy XLA's dot would read instead (78 KB, 156 KB as float32).
+    assert not cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w[:, :64], jnp.bfloat16))
+    assert cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w[:, :100], jnp.bfloat16))
     assert not cpu_matmul.native_applies(jnp.asarray(x[:1], jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
     assert "bild_matmul" not in _lowered(lambda a: _dense(a, w), x)
     monkeypatch.setenv("BILD_JAX_NATIVE_MATMUL", "0")

@@ -64,6 +64,9 @@ class ModelFamily:
     - `transpose_linear`: HF stores linear weights [out, in] (False for GPT-2's Conv1D [in, out]).
     - `encode_into_cache(module, params, input_ids, attention_mask, cache)`: encoder-decoder families run the
       encoder once and keep what cross-attention needs in the cache; None for decoder-only ones.
+    - `output_table(config)`: the Flax path of the embedding table used as the output layer
+      (`layers.attend`), if any, which the CPU decode loop may keep in bfloat16 (`model.for_decode_loop`):
+      the module must then give its looked-up rows in the cache's dtype. None: no such table.
     """
 
     model_types: tuple[str, ...]
@@ -77,6 +80,7 @@ class ModelFamily:
     split_hf_tensors: Callable[[Any, Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
     transpose_linear: bool = True
     encode_into_cache: Callable[..., Any] | None = None
+    output_table: Callable[[Any], tuple[str, ...] | None] = lambda config: None
 
     @property
     def is_encoder_decoder(self) -> bool:

@@ -205,4 +205,6 @@ FAMILY = ModelFamily(
     axis_sizes=axis_sizes,
     param_axes=PARAM_AXES,
     transpose_linear=False,
+    # Its lookups need no cast: wpe, float32 in the loop, promotes the sum.
+    output_table=lambda config: ("wte" if config.tie_word_embeddings else "lm_head", "embedding"),
 )

@@ -284,7 +284,9 @@ class LlamaForCausalLM(nn.Module):
         positions, key_positions, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
         window_mask = (sliding_window_mask(mask, positions, key_positions, cfg.sliding_window)
                        if cfg.sliding_window is not None else None)
-        h = embed(tokens)
+        # The CPU decode loop may keep a bfloat16 table for the output layer while it computes in the cache's
+        # float32 (FAMILY.output_table).
+        h = embed(tokens) if cache is None else embed(tokens).astype(cache.dtype)
         if cfg.scale_embeddings:
             # HF rounds the scale to the weights' dtype first.
             h = h * jnp.asarray(cfg.hidden_size ** 0.5, h.dtype)
@@ -365,4 +367,5 @@ FAMILY = ModelFamily(
     axis_sizes=axis_sizes,
     param_axes=PARAM_AXES,
     split_hf_tensors=split_hf_tensors,
+    output_table=lambda config: ("embed_tokens", "embedding") if config.tie_word_embeddings else None,
 )

@@ -224,8 +224,14 @@ void TransposedTile(const Product<W>& p, int64_t r0, int64_t c0) {
   Vector sum[RR][CR];
   for (int64_t r = 0; r < RR; ++r)
     for (int64_t c = 0; c < CR; ++c) sum[r][c] = Broadcast(0.0f);
+  // The next tile's rows of w, prefetched alongside: short rows read CR at a time defeat the hardware
+  // prefetcher (bundled large model's bfloat16 table, in L3: the output layer 2.3-2.5x faster; float32, from
+  // memory: 1.05x).
+  const bool ahead = c0 + 2 * CR <= p.n;
   for (; d + kLanes <= p.k; d += kLanes) {
     Vector wv[CR];
+    if (ahead)
+      for (int64_t c = 0; c < CR; ++c) __builtin_prefetch(p.w + (c0 + CR + c) * p.k + d);
     for (int64_t c = 0; c < CR; ++c) wv[c] = Load(p.w + (c0 + c) * p.k + d);
     for (int64_t r = 0; r < RR; ++r) {
       const Vector xv = LoadOutputs(p.x + (r0 + r) * p.k + d);
