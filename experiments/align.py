@@ -4,6 +4,11 @@ the prompt source, the recipe of the shipped `small-aligned` model, and its agre
     python experiments/align.py --out runs/align                        # from bundled:small (~15 min, 2 cores)
     python experiments/align.py --small runs/pair/small/hf --large runs/pair/large/hf --out runs/pair/small-aligned/hf
 
+The shipped model is the first recipe's output aligned a second time (90.3% agreement, from 88.3%):
+
+    python experiments/align.py --small <first round's model> --out runs/align2 --num-prompts 12288 \
+        --steps 2500 --lr 5e-4 --seed 7
+
 Writes the training files as JSONL (`--data`, made once), runs `bild-jax align` (4096 prompts of 32 tokens, 64
 greedy new tokens with EOS ignored, 1000 steps of 16, peak learning rate 1e-3), then reports the top-1
 agreement of `--compare` (default the shipped aligned model) on the same held-out prompts. An interrupted

@@ -90,10 +90,14 @@ def binary(name: str) -> Path:
 
 
 def gguf(model: str, dtype: str = "f32") -> Path:
-    """Path of a converted bundled model: `model` in large, small, small-aligned; `dtype` f32 or bf16."""
+    """Path of a converted bundled model: `model` in large, small, small-aligned; `dtype` f32 or bf16. A
+    conversion older than the bundled weights is refused: llama.cpp would run the previous model."""
     path = llamacpp_dir() / "gguf" / f"{model}-{dtype}.gguf"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run experiments/setup_llamacpp.sh convert")
+    weights = REPO_ROOT / "bild_jax" / "bundled" / model / "model.safetensors"
+    if weights.is_file() and path.stat().st_mtime < weights.stat().st_mtime:
+        raise FileNotFoundError(f"{path} is older than {weights}: run experiments/setup_llamacpp.sh convert")
     return path
 
 
