@@ -9,8 +9,9 @@ It takes the products that are worth it and leaves the rest to XLA, decided at t
 shapes: float32 rows times a float32 or bfloat16 weight (widened exactly as it is read, so a bfloat16 model
 reads half the bytes of its float32 copy and gets the same sums), a weight (or a group of weights read with
 one input, `dense_products`) of at least `MIN_WEIGHT_BYTES` as float32 (smaller ones sit in cache, where
-XLA's dot is as fast; a bfloat16 weight counts as the float32 copy XLA's dot would read), at most `MAX_ROWS` rows (a decode step or a verification block; prompt passes and training
-batches are compute-bound), one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner
+XLA's dot is as fast; a bfloat16 weight counts as the float32 copy XLA's dot would read), at most
+`MAX_ROWS` rows (a decode step or a verification block; prompt passes and training batches are
+compute-bound), one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner
 splits), the kernels built (`native_library`). Differentiable: derivatives are XLA dots.
 """
 
