@@ -65,8 +65,9 @@ class ModelFamily:
     - `encode_into_cache(module, params, input_ids, attention_mask, cache)`: encoder-decoder families run the
       encoder once and keep what cross-attention needs in the cache; None for decoder-only ones.
     - `output_table(config)`: the Flax path of the embedding table used as the output layer
-      (`layers.attend`), if any, which the CPU decode loop may keep in bfloat16 (`model.for_decode_loop`):
-      the module must then give its looked-up rows in the cache's dtype. None: no such table.
+      (`layers.attend`) that the CPU decode loop may keep in bfloat16 (`model.for_decode_loop`): the module
+      must then give its looked-up rows in the cache's dtype. None: no such table, or one the loop converts
+      (T5's and BART's shared tables also feed the encoder, which runs without a cache to take the dtype of).
     """
 
     model_types: tuple[str, ...]

@@ -32,8 +32,9 @@ class DenseWeights(nn.Module):
     @nn.compact
     def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
-        return kernel, bias
+        if not self.use_bias:
+            return kernel, None
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
 
 
 def dense_group(x: jax.Array, layers: list[DenseWeights]) -> list[jax.Array]:
