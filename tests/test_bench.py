@@ -47,6 +47,7 @@ def _check_record(result: dict, systems: list[str], batch_sizes: list[int], with
     all_large = rows[-1]
     assert all_large["large_token_share"] == 1.0 and all_large["large_calls_per_token"] == 1.0
     assert _positive(result["end_to_end"]["loop_overhead"])
+    assert _positive(result["alternating"]["pair_ms"]) and _positive(result["alternating"]["over_steps"])
     assert [b["batch"] for b in result["batches"]] == batch_sizes
     for b in result["batches"]:
         assert _positive(b["greedy_tokens_per_s"]) and ("bild_speedup" in b) == with_bild
@@ -95,6 +96,21 @@ def test_weight_bytes_per_step_reads_one_row_of_an_untied_embedding():
     assert bench.weight_bytes_per_step(tied) == all_bytes(tied)
     table, row = config.vocab_size * config.hidden_size * 4, config.hidden_size * 4
     assert bench.weight_bytes_per_step(untied) == all_bytes(untied) - table + row
+
+
+def test_alternating_loop_feeds_each_model_the_other_ones_token():
+    # Untied: a tied random model's argmax is its input token.
+    tiny = bench.SHAPES["tiny"]
+    small, large = (bench.random_model(dataclasses.replace(config, tie_word_embeddings=False), jnp.float32, seed=seed)
+                    for config, seed in ((tiny.small, 1), (tiny.large, 0)))
+    small_cache, large_cache = (bench._half_full_cache(m, 16, 1, [3, 4]) for m in (small, large))
+    token = jnp.ones((1, 1), jnp.int32)
+    for _ in range(2):  # each pair starts from the caches' cursors again
+        logits, _ = small.decode(token, small_cache)
+        token = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+        logits, _ = large.decode(token, large_cache)
+        token = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+    assert bench._alternating_loop(small, large, small_cache, large_cache, loop=2).tolist() == token.tolist()
 
 
 def test_batches_cut_prompts_to_one_length_and_cycle_them():
