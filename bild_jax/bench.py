@@ -38,10 +38,11 @@ from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.demo import DEMO_PROMPTS, load_demo_prompts
 from bild_jax.errors import InputError
 from bild_jax.evaluation import run_systems
-from bild_jax.generate import greedy_generate
+from bild_jax.generate import GenerateOutput, greedy_generate, prepare_inputs
 from bild_jax.hub import BUNDLED_PREFIX, load_model
 from bild_jax.model import Model, for_decode_loop
 from bild_jax.models.llama import LlamaConfig
+from bild_jax.prompts import decoder_capacity, prefill
 from bild_jax.schedule import BatchSchedule, resolve
 
 DEFAULT_SMALL = "bundled:small-aligned"
@@ -160,25 +161,6 @@ def _decode_loop(model: Model, tokens: jax.Array, cache, loop: int) -> jax.Array
     return lax.fori_loop(0, loop, body, (cache, jnp.zeros((tokens.shape[0], 1), jnp.int32)))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("loop",))
-def _alternating_loop(small: Model, large: Model, small_cache, large_cache, loop: int) -> jax.Array:
-    """`loop` pairs of one-token steps, the small model's then the large model's, each fed the other's last
-    token, each from its cache's starting cursor (BiLD handing every token to the large model, without the
-    loop's own work); returns the [B, 1] int32 token of the last step."""
-    small_lengths, large_lengths = small_cache.lengths, large_cache.lengths
-
-    def body(_, carry):
-        small_cache, large_cache, token = carry
-        logits, small_cache = small.decode(token, small_cache)
-        token = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
-        logits, large_cache = large.decode(token, large_cache)
-        token = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
-        return small_cache.with_lengths(small_lengths), large_cache.with_lengths(large_lengths), token
-
-    token = jnp.ones((small_cache.lengths.shape[0], 1), jnp.int32)
-    return lax.fori_loop(0, loop, body, (small_cache, large_cache, token))[2]
-
-
 def _half_full_cache(model: Model, capacity: int, width: int, context: Sequence[int]):
     """A batch-1 cache of `capacity` slots, its cursor at half (leaving room for `width` tokens); an
     encoder-decoder model encodes `context` first. Attention reads every slot whatever they hold, so the
@@ -206,20 +188,6 @@ def _loop_timer(model: Model, width: int, capacity: int, context: Sequence[int],
     return run, cache_bytes(cache)
 
 
-def _alternating_timer(small: Model, large: Model, capacity: int, context: Sequence[int], loop: int
-                       ) -> Callable[[], float]:
-    """`run()` times one jitted loop of `loop` small + large step pairs (`_alternating_loop`) on half-full
-    caches of `capacity` slots and returns seconds per pair (its first call compiles)."""
-    small_cache, large_cache = (_half_full_cache(model, capacity, 1, context) for model in (small, large))
-
-    def run() -> float:
-        start = time.perf_counter()
-        jax.block_until_ready(_alternating_loop(small, large, small_cache, large_cache, loop))
-        return (time.perf_counter() - start) / loop
-
-    return run
-
-
 def copy_bandwidth(nbytes: int, repeats: int = COPY_REPEATS, on_call: Callable[[], None] = lambda: None) -> float:
     """Bytes per second of the default device's memory: an elementwise in-place update (read + write) of a
     float32 buffer of `nbytes`, donated so that no call allocates; the median of `repeats` calls after one
@@ -241,16 +209,10 @@ def step_costs(models: dict[str, Model], width: int, capacity: int, context: Seq
                ) -> dict[str, dict]:
     """Per model: ms per one-token decode step and per [1, width] block, the median of `repeats` timed loops
     (all timers interleaved, after one compiling call each), with the bytes one step reads (weights as the
-    decode loops hold them, plus the cache of `capacity` slots). With a "small" and a "large" model, also
-    "alternating": ms per pair of their one-token steps taken in turns in one loop, and its ratio to the
-    two steps timed apart: what running two models in turns costs beyond their steps, with no BiLD logic
-    (part of the loop overhead factor of `end_to_end`, which no change to the BiLD loop can remove)."""
+    decode loops hold them, plus the cache of `capacity` slots)."""
     decoded = {name: for_decode_loop(model, rows=width) for name, model in models.items()}
     timers = {(name, w): _loop_timer(model, w, capacity, context, loop)
               for name, model in decoded.items() for w in (1, width)}
-    if {"small", "large"} <= decoded.keys():
-        timers["alternating", 1] = (_alternating_timer(decoded["small"], decoded["large"], capacity, context, loop),
-                                    None)
     samples = {key: [] for key in timers}
     for round_ in range(repeats + 1):
         for key, (run, _) in timers.items():
@@ -264,15 +226,44 @@ def step_costs(models: dict[str, Model], width: int, capacity: int, context: Seq
         costs[name] = dict(step_ms=step_ms, block_ms=block_ms, block_over_step=block_ms / step_ms,
                            bytes_per_step=weight_bytes_per_step(model) + timers[name, 1][1],
                            compute_dtype=str(model.dtype))
-    if ("alternating", 1) in samples:
-        pair_ms = 1000 * float(np.median(samples["alternating", 1]))
-        costs["alternating"] = dict(pair_ms=pair_ms,
-                                    over_steps=pair_ms / (costs["small"]["step_ms"] + costs["large"]["step_ms"]))
     return costs
 
 
 # ---------------------------------------------------------------------------------------------------------
 # End to end
+
+TURNS = "in turns"  # the system taking the two models' steps in turns without the BiLD loop
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens",))
+def _in_turns(small: Model, large: Model, prompts: jax.Array, prompt_lengths: jax.Array,
+              max_new_tokens: int) -> GenerateOutput:
+    """The models' work of BiLD handing every token to the large model, without the BiLD loop: both prompts
+    prefilled, the large model's first token, then per token one small step (fed the last token) and one
+    large step (fed the small model's argmax). prompts [B, T] int32 right-padded, prompt_lengths [B] int32 ->
+    tokens [B, max_new_tokens] int32."""
+    batch, width = prompts.shape
+    small, large = for_decode_loop(small, rows=batch), for_decode_loop(large, rows=batch)
+    _, small_cache = prefill(small, prompts, prompt_lengths, decoder_capacity(small, width, max_new_tokens))
+    logits, large_cache = prefill(large, prompts, prompt_lengths, decoder_capacity(large, width, max_new_tokens))
+    tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(jnp.argmax(logits, -1))
+
+    def body(i, carry):
+        small_cache, large_cache, tokens = carry
+        logits, small_cache = small.decode(lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1), small_cache)
+        draft = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)                # [B, 1]
+        logits, large_cache = large.decode(draft, large_cache)                           # [B, 1, V]
+        return small_cache, large_cache, tokens.at[:, i].set(jnp.argmax(logits[:, -1], -1))
+
+    tokens = lax.fori_loop(1, max_new_tokens, body, (small_cache, large_cache, tokens))[2]
+    return GenerateOutput(tokens=tokens, lengths=jnp.full((batch,), max_new_tokens, jnp.int32))
+
+
+def in_turns(small: Model, large: Model, input_ids, max_new_tokens: int) -> GenerateOutput:
+    """`_in_turns` on a batch of prompts (ragged lists of ids): what running the two models in turns costs
+    with no BiLD loop, the part of the loop overhead factor that no change to the loop can remove."""
+    (large, small), prompts, prompt_lengths = prepare_inputs((large, small), input_ids, max_new_tokens, None, None)
+    return _in_turns(small, large, prompts, prompt_lengths, max_new_tokens=int(max_new_tokens))
 
 @dataclasses.dataclass
 class _Calls:
@@ -328,10 +319,13 @@ def end_to_end(small: Model, large: Model, prompts: Sequence[Sequence[int]], con
     """Batch 1 on each prompt (lists of token ids), every system generating `config.max_new_tokens` tokens:
     {"systems": [{name, tokens_per_s, ms_per_token (median over prompts), speedup (vs large greedy, total
     time), compile_s, and for BiLD large_token_share, large_calls_per_token}], "loop_overhead": BiLD
-    all-large ms per token / (large + small greedy ms per token), medians over prompts}."""
+    all-large ms per token / (large + small greedy ms per token), "turns_overhead": the same for the models
+    in turns without the BiLD loop (`in_turns`), "loop_own": BiLD all-large / in turns; medians over
+    prompts}."""
     n = config.max_new_tokens
     systems = {"large greedy": lambda p: greedy_generate(large, p, n, eos_token_id=NO_EOS),
-               "small greedy": lambda p: greedy_generate(small, p, n, eos_token_id=NO_EOS)}
+               "small greedy": lambda p: greedy_generate(small, p, n, eos_token_id=NO_EOS),
+               TURNS: lambda p: in_turns(small, large, p, n)}
     bild = _bild_systems(config, with_acceptance)
     systems.update({name: functools.partial(bild_generate, small, large, config=c) for name, c in bild.items()})
     results = _take_turns(systems, prompts, on_call)
@@ -346,8 +340,9 @@ def end_to_end(small: Model, large: Model, prompts: Sequence[Sequence[int]], con
                        large_calls_per_token=stats["large_calls"] / tokens)
         rows.append(row)
     per_token = {name: calls.median_ms_per_token for name, (calls, _) in results.items()}
-    overhead = per_token["BiLD all-large"] / (per_token["large greedy"] + per_token["small greedy"])
-    return {"systems": rows, "loop_overhead": overhead}
+    apart = per_token["large greedy"] + per_token["small greedy"]
+    return {"systems": rows, "loop_overhead": per_token["BiLD all-large"] / apart,
+            "turns_overhead": per_token[TURNS] / apart, "loop_own": per_token["BiLD all-large"] / per_token[TURNS]}
 
 
 def _batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[list[int]]]:
@@ -500,12 +495,11 @@ def run_bench(small: str | Path | Model = DEFAULT_SMALL, large: str | Path | Mod
     context = 1 if models["large"].is_encoder_decoder else prompt_tokens
     capacity = context + max_new_tokens
     platform = jax.devices()[0].platform
-    num_systems = 2 + len(_bild_systems(config, with_bild))
+    num_systems = 3 + len(_bild_systems(config, with_bild))
     batches = {b: len(_batches(prompts, b)) for b in batch_sizes}
     tracker.stage("measuring copy bandwidth", total=COPY_REPEATS + 1)
     bandwidth = copy_bandwidth(_copy_buffer_bytes(platform), on_call=tracker.advance)
-    tracker.stage(f"timing decode steps, {max_draft + 1}-token blocks and alternating steps",
-                  total=5 * (step_repeats + 1))
+    tracker.stage(f"timing decode steps and {max_draft + 1}-token blocks", total=4 * (step_repeats + 1))
     costs = step_costs(models, max_draft + 1, capacity, prompts[0], step_loop, step_repeats, tracker.advance)
     tracker.stage(f"end to end: {num_systems} systems on {len(prompts)} prompts",
                   total=num_systems * (len(prompts) + 1))
@@ -540,7 +534,6 @@ def run_bench(small: str | Path | Model = DEFAULT_SMALL, large: str | Path | Mod
         "copy_buffer_bytes": _copy_buffer_bytes(platform),
         "models": per_model,
         "large_over_small_step": per_model["large"]["step_ms"] / per_model["small"]["step_ms"],
-        "alternating": costs["alternating"],
         "end_to_end": e2e,
         "batches": by_batch,
         # The best schedule by batch size, for `--save-schedule` (`ScheduleTable.from_dict`).
@@ -607,10 +600,6 @@ def print_report(result: dict, console: Console | None = None) -> None:
                       "copies of half-precision weights")
     console.print(f"large / small step: {result['large_over_small_step']:.1f}x; copy bandwidth "
                   f"{result['copy_bandwidth_gb_s']:.1f} GB/s (read + write of {_bytes(result['copy_buffer_bytes'])})")
-    alternating = result["alternating"]
-    console.print(f"small + large step taken in turns in one loop: {alternating['pair_ms']:.3f} ms, "
-                  f"{alternating['over_steps']:.2f}x the two steps timed apart (no BiLD logic in that loop: what "
-                  f"running two models in turns costs here)")
 
     e2e = result["end_to_end"]
     rows = [[s["system"], f"{s['tokens_per_s']:.1f}", f"{s['ms_per_token']:.3f}", f"{s['speedup']:.2f}x",
@@ -623,8 +612,8 @@ def print_report(result: dict, console: Console | None = None) -> None:
     console.print(_table(
         ["system", "tokens/s", "ms/token (median)", "speedup", "by large", "large calls/tok", "compile s"], rows))
     console.print(f"loop overhead factor: {e2e['loop_overhead']:.2f} = BiLD all-large / (large + small greedy), "
-                  f"per token; 1.00: no cost beyond the two models' steps; taking the steps in turns alone: "
-                  f"{alternating['over_steps']:.2f}")
+                  f"per token; 1.00: no cost beyond the two models' steps. Of it: the two models' steps {TURNS} "
+                  f"{e2e['turns_overhead']:.2f}, the BiLD loop's own work {e2e['loop_own']:.2f} (all-large / in turns)")
     if settings["shape"]:
         console.print("random weights: BiLD and BiLD exact are not run (their acceptance would mean nothing)")
 

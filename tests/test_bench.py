@@ -47,7 +47,7 @@ def _check_record(result: dict, systems: list[str], batch_sizes: list[int], with
     all_large = rows[-1]
     assert all_large["large_token_share"] == 1.0 and all_large["large_calls_per_token"] == 1.0
     assert _positive(result["end_to_end"]["loop_overhead"])
-    assert _positive(result["alternating"]["pair_ms"]) and _positive(result["alternating"]["over_steps"])
+    assert _positive(result["end_to_end"]["turns_overhead"]) and _positive(result["end_to_end"]["loop_own"])
     assert [b["batch"] for b in result["batches"]] == batch_sizes
     for b in result["batches"]:
         assert _positive(b["greedy_tokens_per_s"]) and ("bild_speedup" in b) == with_bild
@@ -65,7 +65,7 @@ def _check_record(result: dict, systems: list[str], batch_sizes: list[int], with
 
 def test_shape_run_has_step_costs_bandwidth_and_greedy_rows():
     result = bench.run_bench(shape="tiny", batch_sizes=[1], **SMALL_RUN)
-    _check_record(result, ["large greedy", "small greedy", "BiLD all-large"], [1], with_bild=False)
+    _check_record(result, ["large greedy", "small greedy", "in turns", "BiLD all-large"], [1], with_bild=False)
     assert result["settings"]["prompts"] == "random" and result["settings"]["shape"] == "tiny"
     assert result["models"]["large"]["dtype"] == "bfloat16"
 
@@ -76,11 +76,11 @@ def test_loaded_models_get_bild_and_exact_rows(tmp_path):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"prompt": list(range(1, 65))}, {"prompt": list(range(100, 164))}]))
     result = bench.run_bench(small, large, prompts_file=prompts, rollback=math.inf, batch_sizes=[1], **SMALL_RUN)
-    _check_record(result, ["large greedy", "small greedy", "BiLD", "BiLD exact", "BiLD all-large"], [1],
+    _check_record(result, ["large greedy", "small greedy", "in turns", "BiLD", "BiLD exact", "BiLD all-large"], [1],
                   with_bild=True)
     assert result["batches"][0]["schedule"] == dataclasses.asdict(BatchSchedule())  # the built-in table at batch 1
     assert result["settings"]["prompts"] == str(prompts) and result["settings"]["rollback"] == "inf"
-    for row in result["end_to_end"]["systems"][2:]:
+    for row in result["end_to_end"]["systems"][3:]:
         assert 0 <= row["large_token_share"] <= 1
 
 
@@ -98,19 +98,22 @@ def test_weight_bytes_per_step_reads_one_row_of_an_untied_embedding():
     assert bench.weight_bytes_per_step(untied) == all_bytes(untied) - table + row
 
 
-def test_alternating_loop_feeds_each_model_the_other_ones_token():
+def test_in_turns_feeds_each_model_the_other_ones_token():
     # Untied: a tied random model's argmax is its input token.
     tiny = bench.SHAPES["tiny"]
     small, large = (bench.random_model(dataclasses.replace(config, tie_word_embeddings=False), jnp.float32, seed=seed)
                     for config, seed in ((tiny.small, 1), (tiny.large, 0)))
-    small_cache, large_cache = (bench._half_full_cache(m, 16, 1, [3, 4]) for m in (small, large))
-    token = jnp.ones((1, 1), jnp.int32)
-    for _ in range(2):  # each pair starts from the caches' cursors again
-        logits, _ = small.decode(token, small_cache)
-        token = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
-        logits, _ = large.decode(token, large_cache)
-        token = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
-    assert bench._alternating_loop(small, large, small_cache, large_cache, loop=2).tolist() == token.tolist()
+    prompt = [3, 4, 5]
+    small_cache, large_cache = (m.start_cache(1, 8) for m in (small, large))
+    _, small_cache = small.decode(jnp.asarray([prompt]), small_cache)
+    logits, large_cache = large.decode(jnp.asarray([prompt]), large_cache)
+    tokens = [int(jnp.argmax(logits[0, -1]))]
+    for _ in range(3):
+        logits, small_cache = small.decode(jnp.asarray([[tokens[-1]]]), small_cache)
+        logits, large_cache = large.decode(jnp.argmax(logits[:, -1], -1)[:, None], large_cache)
+        tokens.append(int(jnp.argmax(logits[0, -1])))
+    out = bench.in_turns(small, large, [prompt], max_new_tokens=4)
+    assert out.tokens.tolist() == [tokens] and out.lengths.tolist() == [4]
 
 
 def test_batches_cut_prompts_to_one_length_and_cycle_them():
@@ -121,7 +124,7 @@ def test_batches_cut_prompts_to_one_length_and_cycle_them():
 def test_cli_prints_valid_json(capsys):
     assert cli.main(["bench", "--shape", "tiny", *["--num-prompts", "2", "--max-new-tokens", "4"], "--json", "-"]) == 0
     result = json.loads(capsys.readouterr().out)
-    _check_record(result, ["large greedy", "small greedy", "BiLD all-large"], [], with_bild=False)
+    _check_record(result, ["large greedy", "small greedy", "in turns", "BiLD all-large"], [], with_bild=False)
 
 
 @pytest.mark.parametrize("argv,message", [
