@@ -32,7 +32,7 @@ using bild::ChunkCount;
 using bild::InChunks;
 
 constexpr int64_t kRows = 8;    // rows of w per pass over the outputs when streaming, so y is read and written K/8 times
-constexpr int64_t kSequentialRows = 2;  // up to this many rows of x, w is streamed; more are tiled (StreamRows)
+constexpr int64_t kSequentialRows = 2;  // up to this many rows of x, w is streamed; more are tiled (Products)
 constexpr int64_t kStreamedBytes = 512 * 1024;  // weights this large are streamed one row of w per pass
 constexpr int64_t kBlock = 16;  // rows of w per block of a tiled product
 constexpr int64_t kTransposedRows = 4, kTransposedColumns = 4;  // output tile of a transposed product
@@ -51,6 +51,7 @@ struct Product {
   const W* w;
   float* y;
   int64_t m, k, n;
+  int64_t ld;  // row stride of w and y: n, or more for a window of w's columns
 };
 
 // Every output of out[M, N] = x[:, k0:k1] @ w[k0:k1, :] is the same sum, out = fma(x_k, w_k, out) for
@@ -124,91 +125,126 @@ void StreamRowBlocks(const Product<W>& p, int64_t k0, int64_t k1, float* __restr
 
 // More rows (verification blocks) make the product compute-bound: a tile of MR rows x V vectors of outputs
 // stays in registers over kBlock rows of w, so that each vector of w read feeds MR multiply-adds and the
-// outputs are read and written K/kBlock times. w is read block by block, each block in order and the next
-// one prefetched, since a tile's walk down a block's columns alone would defeat the hardware prefetcher.
-// (Zen 4, one core, 11 rows from memory: 1.6-2.1x faster than streaming with R = 8, though a whole
-// verification pass of the bundled large model gained far less; tiles held over the whole chunk, walking w
-// by columns, were 1.3x slower than R = 8.)
+// outputs are read and written K/kBlock times. A tile's walk down a block's columns defeats the hardware
+// prefetcher, so each step of it prefetches the same columns of the next block into L2: spread over the
+// multiply-adds, the loads from memory overlap them (a burst of the whole next block's prefetches at the
+// block's start stalled the loop until they were under way: 11 rows, from memory, took about the sum of the
+// product's memory time and compute time). Threads split a tiled product by columns (`TileWindow`), so that
+// one thread's prefetches run on through all of w's rows. (Bundled large model, float32, 2 cores: passes of
+// 4, 6 and 11 tokens 0.82x, 0.71x, 0.82x the time of row chunks with a burst prefetch per block.)
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <int64_t MR, int64_t V, int64_t KB, typename W>
-int64_t TileColumns(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, int64_t j, float* __restrict out) {
-  const W* __restrict w = p.w + kk * p.n;
+int64_t TileColumns(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, int64_t j, float* __restrict out,
+                    const W* ahead) {
+  const W* __restrict w = p.w + kk * p.ld;
   const float* x = p.x + r0 * p.k + kk;
-  float* __restrict y = out + r0 * p.n;
+  float* __restrict y = out + r0 * p.ld;
   for (; j + V * kVector <= p.n; j += V * kVector) {
     Vector sum[MR][V];
     for (int64_t r = 0; r < MR; ++r)
-      for (int64_t v = 0; v < V; ++v) sum[r][v] = LoadOutputs(y + r * p.n + j + v * kVector);
+      for (int64_t v = 0; v < V; ++v) sum[r][v] = LoadOutputs(y + r * p.ld + j + v * kVector);
 #pragma GCC unroll 4
     for (int64_t i = 0; i < (KB > 0 ? KB : rows); ++i) {
+      if (ahead) {
+        const char* line = reinterpret_cast<const char*>(ahead + i * p.ld + j);
+        for (int64_t byte = 0; byte < V * kVector * int64_t{sizeof(W)}; byte += 64) __builtin_prefetch(line + byte, 0, 2);
+      }
       Vector wv[V];
-      for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * p.n + j + v * kVector);
+      for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * p.ld + j + v * kVector);
       for (int64_t r = 0; r < MR; ++r) {
         const Vector xr = Broadcast(x[r * p.k + i]);
         for (int64_t v = 0; v < V; ++v) sum[r][v] = Fma(xr, wv[v], sum[r][v]);
       }
     }
     for (int64_t r = 0; r < MR; ++r)
-      for (int64_t v = 0; v < V; ++v) Store(y + r * p.n + j + v * kVector, sum[r][v]);
+      for (int64_t v = 0; v < V; ++v) Store(y + r * p.ld + j + v * kVector, sum[r][v]);
   }
   return j;
 }
 #endif
 
 // Outputs of rows r0 .. r0 + MR from rows kk .. kk + rows of w: tiles of kTileVectors vectors, then of one,
-// then the last columns one by one.
+// then the last columns one by one; `ahead` (or null): w's rows kBlock below kk, prefetched.
 template <int64_t MR, typename W>
-void TileBlock(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, float* __restrict out) {
+void TileBlock(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, float* __restrict out, const W* ahead) {
   int64_t j = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   if (rows == kBlock) {
-    j = TileColumns<MR, kTileVectors, kBlock>(p, r0, kk, rows, j, out);
-    j = TileColumns<MR, 1, kBlock>(p, r0, kk, rows, j, out);
+    j = TileColumns<MR, kTileVectors, kBlock>(p, r0, kk, rows, j, out, ahead);
+    j = TileColumns<MR, 1, kBlock>(p, r0, kk, rows, j, out, ahead);
   } else {
-    j = TileColumns<MR, kTileVectors, 0>(p, r0, kk, rows, j, out);
-    j = TileColumns<MR, 1, 0>(p, r0, kk, rows, j, out);
+    j = TileColumns<MR, kTileVectors, 0>(p, r0, kk, rows, j, out, ahead);
+    j = TileColumns<MR, 1, 0>(p, r0, kk, rows, j, out, ahead);
   }
 #endif
-  const W* __restrict w = p.w + kk * p.n;
+  const W* __restrict w = p.w + kk * p.ld;
   for (; j < p.n; ++j)
     for (int64_t r = 0; r < MR; ++r) {
-      float* y = out + (r0 + r) * p.n + j;
-      for (int64_t i = 0; i < rows; ++i) *y = std::fma(p.x[(r0 + r) * p.k + kk + i], Widen(w[i * p.n + j]), *y);
+      float* y = out + (r0 + r) * p.ld + j;
+      for (int64_t i = 0; i < rows; ++i) *y = std::fma(p.x[(r0 + r) * p.k + kk + i], Widen(w[i * p.ld + j]), *y);
     }
 }
 
+// out[M, N] (row stride p.ld) = x[:, k0:k1] @ w[k0:k1, :], out zeroed first; while a whole block of w lies
+// below the current one, the first row tile prefetches it (also past k1: the caller goes on there).
 template <typename W>
 void TileRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
+  for (int64_t r = 0; r < p.m; ++r) std::memset(out + r * p.ld, 0, p.n * sizeof(float));
   for (int64_t kk = k0; kk < k1; kk += kBlock) {
     const int64_t rows = std::min(kBlock, k1 - kk);
-    if (kk + 2 * kBlock <= k1) {
-      const char* next = reinterpret_cast<const char*>(p.w + (kk + kBlock) * p.n);
-      for (int64_t byte = 0; byte < kBlock * p.n * int64_t{sizeof(W)}; byte += 64) __builtin_prefetch(next + byte);
-    }
     for (int64_t r0 = 0; r0 < p.m; r0 += kTileRows) {
+      const W* ahead = r0 == 0 && kk + 2 * kBlock <= p.k ? p.w + (kk + kBlock) * p.ld : nullptr;
       switch (std::min(kTileRows, p.m - r0)) {
-        case 1: TileBlock<1>(p, r0, kk, rows, out); break;
-        case 2: TileBlock<2>(p, r0, kk, rows, out); break;
-        case 3: TileBlock<3>(p, r0, kk, rows, out); break;
-        case 4: TileBlock<4>(p, r0, kk, rows, out); break;
-        case 5: TileBlock<5>(p, r0, kk, rows, out); break;
-        default: TileBlock<kTileRows>(p, r0, kk, rows, out); break;
+        case 1: TileBlock<1>(p, r0, kk, rows, out, ahead); break;
+        case 2: TileBlock<2>(p, r0, kk, rows, out, ahead); break;
+        case 3: TileBlock<3>(p, r0, kk, rows, out, ahead); break;
+        case 4: TileBlock<4>(p, r0, kk, rows, out, ahead); break;
+        case 5: TileBlock<5>(p, r0, kk, rows, out, ahead); break;
+        default: TileBlock<kTileRows>(p, r0, kk, rows, out, ahead); break;
       }
     }
   }
 }
 
-// out[M, N] = x[:, k0:k1] @ w[k0:k1, :]. Every way gives the same sums: each output is fma(x_k, w_k, out)
-// over k in order from 0, whatever the rows computed with it.
+// out[M, N] = x[:, k0:k1] @ w[k0:k1, :], streamed (one or two rows), out zeroed first.
 template <typename W>
 void StreamRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
   std::memset(out, 0, p.m * p.n * sizeof(float));
-  if (p.m > kSequentialRows)
-    TileRows(p, k0, k1, out);
-  else if (p.k * p.n * int64_t{sizeof(W)} >= kStreamedBytes)
+  if (p.k * p.n * int64_t{sizeof(W)} >= kStreamedBytes)
     StreamRowBlocks<1>(p, k0, k1, out);
   else
     StreamRowBlocks<kRows>(p, k0, k1, out);
+}
+
+// Every product's sums: w's rows are split into `count` chunks of `rows` (a multiple of kRows), whatever
+// the number of rows of x; each output is fma(x_k, w_k, sum) over k in order from 0 within a chunk, and
+// the chunks' sums are added in chunk order. So a row's result never depends on the rows computed with it.
+struct RowChunks {
+  int64_t count, rows;
+};
+inline RowChunks SplitRows(ffi::ThreadPool& pool, int64_t k) {
+  const int64_t count = ChunkCount(pool, k / (4 * kRows));
+  return {count, ((k + count - 1) / count + kRows - 1) / kRows * kRows};
+}
+
+// y[:, n0:n1] of a tiled product, summed as `SplitRows` says: one thread walks all of w's rows for these
+// columns (so its prefetches run ahead across the row chunks), each chunk summed into `partial` and added.
+template <typename W>
+void TileWindow(const Product<W>& p, RowChunks split, int64_t n0, int64_t n1) {
+  Product<W> window = p;
+  window.w += n0;
+  window.y += n0;
+  window.n = n1 - n0;
+  thread_local std::vector<float> partial;
+  partial.resize(p.m * p.ld);
+  for (int64_t c = 0; c < split.count; ++c) {
+    const int64_t k0 = std::min(p.k, c * split.rows), k1 = std::min(p.k, k0 + split.rows);
+    float* out = c == 0 ? window.y : partial.data() + n0;
+    TileRows(window, k0, k1, out);
+    if (c > 0)
+      for (int64_t r = 0; r < p.m; ++r)
+        for (int64_t j = 0; j < window.n; ++j) window.y[r * p.ld + j] += out[r * p.ld + j];
+  }
 }
 
 // y[r0:r0 + RR, c0:c0 + CR] of y = x @ w^T: each output a dot product of length K in kLanes partial sums
@@ -227,7 +263,7 @@ void TransposedTile(const Product<W>& p, int64_t r0, int64_t c0) {
   // The next tile's rows of w, prefetched alongside: short rows read CR at a time defeat the hardware
   // prefetcher (bundled large model's bfloat16 table, in L3: the output layer 2.3-2.5x faster; float32, from
   // memory: 1.05x).
-  const bool ahead = c0 + 2 * CR <= p.n;
+  const bool ahead = r0 == 0 && c0 + 2 * CR <= p.n;  // the first row tile brings them in for the others
   for (; d + kLanes <= p.k; d += kLanes) {
     Vector wv[CR];
     if (ahead)
@@ -259,29 +295,29 @@ void TransposedTile(const Product<W>& p, int64_t r0, int64_t c0) {
     }
 }
 
-// y[:, n0:n1] = x @ w[n0:n1, :]^T in tiles of up to kTransposedRows rows x kTransposedColumns columns.
+// y[r0:r0 + rows, c0:c0 + CR] of y = x @ w^T, rows <= kTransposedRows.
+template <int64_t CR, typename W>
+void TransposedColumns(const Product<W>& p, int64_t r0, int64_t rows, int64_t c0) {
+  switch (rows) {
+    case 1: TransposedTile<1, CR>(p, r0, c0); break;
+    case 2: TransposedTile<2, CR>(p, r0, c0); break;
+    case 3: TransposedTile<3, CR>(p, r0, c0); break;
+    default: TransposedTile<kTransposedRows, CR>(p, r0, c0); break;
+  }
+}
+
+// y[:, n0:n1] = x @ w[n0:n1, :]^T in tiles of up to kTransposedRows rows x kTransposedColumns columns, every
+// row tile of a column tile in turn, so that its rows of w are read from memory once (the row tiles
+// outside, 11 rows read the table three times: 1.15-1.2x slower).
 template <typename W>
 void TransposedProduct(const Product<W>& p, int64_t n0, int64_t n1) {
-  for (int64_t r0 = 0; r0 < p.m; r0 += kTransposedRows) {
-    const int64_t rows = std::min(kTransposedRows, p.m - r0);
-    int64_t c0 = n0;
-    for (; c0 + kTransposedColumns <= n1; c0 += kTransposedColumns) {
-      switch (rows) {
-        case 1: TransposedTile<1, kTransposedColumns>(p, r0, c0); break;
-        case 2: TransposedTile<2, kTransposedColumns>(p, r0, c0); break;
-        case 3: TransposedTile<3, kTransposedColumns>(p, r0, c0); break;
-        default: TransposedTile<kTransposedRows, kTransposedColumns>(p, r0, c0); break;
-      }
-    }
-    for (; c0 < n1; ++c0) {
-      switch (rows) {
-        case 1: TransposedTile<1, 1>(p, r0, c0); break;
-        case 2: TransposedTile<2, 1>(p, r0, c0); break;
-        case 3: TransposedTile<3, 1>(p, r0, c0); break;
-        default: TransposedTile<kTransposedRows, 1>(p, r0, c0); break;
-      }
-    }
-  }
+  int64_t c0 = n0;
+  for (; c0 + kTransposedColumns <= n1; c0 += kTransposedColumns)
+    for (int64_t r0 = 0; r0 < p.m; r0 += kTransposedRows)
+      TransposedColumns<kTransposedColumns>(p, r0, std::min(kTransposedRows, p.m - r0), c0);
+  for (; c0 < n1; ++c0)
+    for (int64_t r0 = 0; r0 < p.m; r0 += kTransposedRows)
+      TransposedColumns<1>(p, r0, std::min(kTransposedRows, p.m - r0), c0);
 }
 
 template <ffi::DataType T>
@@ -293,50 +329,67 @@ ffi::Error Shapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<T>& w, bool 
     return ffi::Error::InvalidArgument("bild_matmul: x [..., K] and w [K, N] (or [N, K] transposed) expected");
   int64_t m = 1;
   for (size_t i = 0; i + 1 < xd.size(); ++i) m *= xd[i];
-  *p = {x.typed_data(), w.typed_data(), nullptr, m, xd.back(), transposed ? wd[0] : wd[1]};
+  const int64_t n = transposed ? wd[0] : wd[1];
+  *p = {x.typed_data(), w.typed_data(), nullptr, m, xd.back(), n, n};
   return ffi::Error::Success();
 }
 
 // The products of one row block with every weight of a group, in one pass of the threads over all of
-// their chunks: a decode step's query/key/value (or gate/up) projections cost one call, not three, and a
-// helper thread that finishes one weight's chunks goes on with the next weight's. Each weight is split as
-// if it were alone (its own chunks of w's rows, each summed into its own partial, chunk 0 straight into y,
-// then added in order), so a product's sums do not depend on the group it is computed in.
+// their tasks: a decode step's query/key/value (or gate/up) projections cost one call, not three, and a
+// helper thread that finishes one weight's tasks goes on with the next weight's. Each weight is summed as
+// `SplitRows` says, as if it were alone, so a product's sums do not depend on the group it is computed in.
+// One or two rows: a task is a row chunk, streamed into its own partial (chunk 0 straight into y), the
+// partials added at the end. More rows: a task is a window of kTileVectors-vector columns (`TileWindow`).
 template <typename W>
 void Products(ffi::ThreadPool& pool, const std::vector<Product<W>>& products) {
-  struct Split {
-    int64_t first_chunk, chunks, rows;
-    float* partials;
+  struct Tasks {
+    int64_t first, count;
+    RowChunks split;
+    int64_t columns;  // per task of a tiled product, else 0
+    float* partials;  // (split.count - 1) [M, N] partials of a streamed product
   };
-  std::vector<Split> splits;
+  constexpr int64_t kWindow = kTileVectors * (kVector > 0 ? kVector : 16);
+  std::vector<Tasks> tasks;
   int64_t total = 0;
   size_t partial_floats = 0;
   for (const Product<W>& p : products) {
-    const int64_t chunks = ChunkCount(pool, p.k / (4 * kRows));
-    const int64_t rows = ((p.k + chunks - 1) / chunks + kRows - 1) / kRows * kRows;
-    splits.push_back({total, chunks, rows, nullptr});
-    total += chunks;
-    partial_floats += (chunks - 1) * p.m * p.n;
+    const RowChunks split = SplitRows(pool, p.k);
+    if (p.m > kSequentialRows) {
+      const int64_t count = ChunkCount(pool, p.n / kWindow);
+      tasks.push_back({total, count, split, ((p.n + count - 1) / count + kWindow - 1) / kWindow * kWindow, nullptr});
+      total += count;
+    } else {
+      tasks.push_back({total, split.count, split, 0, nullptr});
+      total += split.count;
+      partial_floats += (split.count - 1) * p.m * p.n;
+    }
   }
   std::vector<float> partials(partial_floats);
   for (size_t i = 0, offset = 0; i < products.size(); ++i) {
-    splits[i].partials = partials.data() + offset;
-    offset += (splits[i].chunks - 1) * products[i].m * products[i].n;
+    if (tasks[i].columns > 0) continue;
+    tasks[i].partials = partials.data() + offset;
+    offset += (tasks[i].count - 1) * products[i].m * products[i].n;
   }
-  InChunks(pool, total, [&](int64_t chunk) {
+  InChunks(pool, total, [&](int64_t task) {
     size_t i = 0;
-    while (chunk >= splits[i].first_chunk + splits[i].chunks) ++i;
+    while (task >= tasks[i].first + tasks[i].count) ++i;
     const Product<W>& p = products[i];
-    const Split& split = splits[i];
-    const int64_t c = chunk - split.first_chunk;
-    const int64_t k0 = std::min(p.k, c * split.rows);
-    StreamRows(p, k0, std::min(p.k, k0 + split.rows), c == 0 ? p.y : split.partials + (c - 1) * p.m * p.n);
+    const Tasks& t = tasks[i];
+    const int64_t c = task - t.first;
+    if (t.columns > 0) {
+      const int64_t n0 = std::min(p.n, c * t.columns);
+      if (n0 < p.n) TileWindow(p, t.split, n0, std::min(p.n, n0 + t.columns));
+      return;
+    }
+    const int64_t k0 = std::min(p.k, c * t.split.rows);
+    StreamRows(p, k0, std::min(p.k, k0 + t.split.rows), c == 0 ? p.y : t.partials + (c - 1) * p.m * p.n);
   });
   for (size_t i = 0; i < products.size(); ++i) {
     const Product<W>& p = products[i];
+    if (tasks[i].columns > 0) continue;
     const int64_t size = p.m * p.n;
-    for (int64_t c = 1; c < splits[i].chunks; ++c) {
-      const float* __restrict part = splits[i].partials + (c - 1) * size;
+    for (int64_t c = 1; c < tasks[i].count; ++c) {
+      const float* __restrict part = tasks[i].partials + (c - 1) * size;
       for (int64_t j = 0; j < size; ++j) p.y[j] += part[j];
     }
   }
