@@ -32,18 +32,20 @@ NARROW = 300
 pytestmark = pytest.mark.skipif(not native_library.available(), reason="no C++ compiler for the native kernel")
 
 
-def _operands(rows: int, seed: int = 0, columns: int = N):
+def _operands(rows: int, seed: int = 0, columns: int = N, inner: int = K):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((rows, K)).astype(np.float32), rng.standard_normal((K, columns)).astype(np.float32))
+    return (rng.standard_normal((rows, inner)).astype(np.float32),
+            rng.standard_normal((inner, columns)).astype(np.float32))
 
 
 def _lowered(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("transposed,columns", [(False, N), (False, NARROW), (True, N)])
-def test_products_match_float64_and_each_row_alone(transposed, columns):
-    x, w = _operands(11, columns=columns)
+# K = 384, a multiple of the 16 lanes: a transposed product of two or more rows adds its lanes in registers.
+@pytest.mark.parametrize("transposed,columns,inner", [(False, N, K), (False, NARROW, K), (True, N, K), (True, N, 384)])
+def test_products_match_float64_and_each_row_alone(transposed, columns, inner):
+    x, w = _operands(11, columns=columns, inner=inner)
     weight = w.T.copy() if transposed else w
 
     def product(a):
@@ -58,7 +60,7 @@ def test_products_match_float64_and_each_row_alone(transposed, columns):
     for rows in ((0,), (5,), (10,), (3, 4), (0, 1, 2), (2, 3, 4, 5, 6, 7, 8)):
         np.testing.assert_array_equal(np.asarray(jax.jit(product)(x[list(rows)])), block[list(rows)])
     # Leading axes are rows too.
-    stacked = np.asarray(jax.jit(product)(x[:10].reshape(2, 5, K)))
+    stacked = np.asarray(jax.jit(product)(x[:10].reshape(2, 5, inner)))
     np.testing.assert_array_equal(stacked.reshape(10, columns), block[:10])
 
 

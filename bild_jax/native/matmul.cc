@@ -34,6 +34,7 @@ using bild::InChunks;
 constexpr int64_t kRows = 8;    // rows of w per pass over the outputs when streaming, so y is read and written K/8 times
 constexpr int64_t kSequentialRows = 2;  // up to this many rows of x, w is streamed; more are tiled (Products)
 constexpr int64_t kStreamedBytes = 512 * 1024;  // weights this large are streamed one row of w per pass
+constexpr int64_t kAheadBytes = 16 * 1024;      // how far ahead of a streamed row its successors are prefetched
 constexpr int64_t kBlock = 16;  // rows of w per block of a tiled product
 constexpr int64_t kTransposedRows = 4, kTransposedColumns = 4;  // output tile of a transposed product
 
@@ -97,7 +98,10 @@ constexpr int64_t kLanes = 16;
 // follows best: for a weight read from memory (over kStreamedBytes) it was 1.1x (384 x 1024) to 2.5x
 // (384 x 128) faster than R = 8 on one core (Zen 4, float32). A smaller weight is likely in cache, where the loads
 // and stores of the outputs, once per multiply-add at R = 1, cost more, and R = 8 reads and writes them
-// K/8 times.
+// K/8 times. At R = 1 each vector of w also prefetches the one kAheadBytes further on into L2, which keeps
+// more reads from memory under way than the hardware prefetcher does (into L1, the prefetches' misses were
+// no faster): bundled large model's weights, 2 cores, from memory, 0.8-0.96x the time (gate and up projections
+// 0.8x; bfloat16 0.5x), in cache 0.9x.
 template <int64_t R, typename W>
 void StreamRowBlocks(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
   for (int64_t kk = k0; kk < k1; kk += R) {
@@ -109,7 +113,10 @@ void StreamRowBlocks(const Product<W>& p, int64_t k0, int64_t k1, float* __restr
       int64_t j = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
       if (rows == R) {
+        const int64_t ahead_rows = std::max<int64_t>(1, kAheadBytes / (p.n * int64_t{sizeof(W)}));
+        const bool ahead = R == 1 && r == 0 && kk + ahead_rows < k1;  // the first row of x brings w in
         for (; j + kVector <= p.n; j += kVector) {
+          if (ahead) __builtin_prefetch(w + ahead_rows * p.n + j, 0, 2);
           Vector sum = LoadOutputs(y + j);
 #pragma GCC unroll 8
           for (int64_t i = 0; i < R; ++i) sum = Fma(Broadcast(x[i]), Load(w + i * p.n + j), sum);
@@ -247,6 +254,34 @@ void TileWindow(const Product<W>& p, RowChunks split, int64_t n0, int64_t n1) {
   }
 }
 
+#if defined(__AVX512F__)
+// v[i] lane j -> v[j] lane i: a 16 x 16 float32 transpose in registers.
+inline void Transpose16(__m512 v[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+  }
+  // u[4i + j], 128-bit lane k: rows 4i..4i+3 of column 4k + j.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 even01 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);       // (u_j.0, u_j.2, u_4+j.0, u_4+j.2)
+    const __m512 odd01 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);        // (.1, .3, .1, .3)
+    const __m512 even23 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512 odd23 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    v[0 + j] = _mm512_shuffle_f32x4(even01, even23, 0x88);   // lane 0 of all
+    v[8 + j] = _mm512_shuffle_f32x4(even01, even23, 0xDD);   // lane 2
+    v[4 + j] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);     // lane 1
+    v[12 + j] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);    // lane 3
+  }
+}
+#endif
+
 // y[r0:r0 + RR, c0:c0 + CR] of y = x @ w^T: each output a dot product of length K in kLanes partial sums
 // (lane l takes d = l, l + kLanes, ...; multiply-adds fused), added in lane order. A tile of RR rows x CR
 // columns of outputs loads each vector of w once for RR rows and each vector of x once for CR columns, so
@@ -260,20 +295,37 @@ void TransposedTile(const Product<W>& p, int64_t r0, int64_t c0) {
   Vector sum[RR][CR];
   for (int64_t r = 0; r < RR; ++r)
     for (int64_t c = 0; c < CR; ++c) sum[r][c] = Broadcast(0.0f);
-  // The next tile's rows of w, prefetched alongside: short rows read CR at a time defeat the hardware
-  // prefetcher (bundled large model's bfloat16 table, in L3: the output layer 2.3-2.5x faster; float32, from
-  // memory: 1.05x).
+  // The next tile's rows of w, prefetched alongside into L2: short rows read CR at a time defeat the
+  // hardware prefetcher (bundled large model's bfloat16 table, in L3: the output layer 2.3-2.5x faster), and
+  // into L2 more of them are under way at once than into L1 (float32 table from memory: 0.6-0.7x the time
+  // of prefetching into L1; in cache, 1.1x).
   const bool ahead = r0 == 0 && c0 + 2 * CR <= p.n;  // the first row tile brings them in for the others
   for (; d + kLanes <= p.k; d += kLanes) {
     Vector wv[CR];
     if (ahead)
-      for (int64_t c = 0; c < CR; ++c) __builtin_prefetch(p.w + (c0 + CR + c) * p.k + d);
+      for (int64_t c = 0; c < CR; ++c) __builtin_prefetch(p.w + (c0 + CR + c) * p.k + d, 0, 2);
     for (int64_t c = 0; c < CR; ++c) wv[c] = Load(p.w + (c0 + c) * p.k + d);
     for (int64_t r = 0; r < RR; ++r) {
       const Vector xv = LoadOutputs(p.x + (r0 + r) * p.k + d);
       for (int64_t c = 0; c < CR; ++c) sum[r][c] = Fma(xv, wv[c], sum[r][c]);
     }
   }
+#if defined(__AVX512F__)
+  // Two or more rows: the lanes of up to 16 outputs transposed into vectors and added in lane order, all
+  // outputs at once (the same sums as one by one; a pass of 11 rows 0.9x the time).
+  if (RR * CR <= 16 && RR * CR >= 8 && d == p.k) {
+    Vector outputs[16];
+    for (int64_t o = 0; o < 16; ++o) outputs[o] = o < RR * CR ? sum[o / CR][o % CR] : Broadcast(0.0f);
+    Transpose16(outputs);
+    Vector total = Broadcast(0.0f);
+    for (int64_t l = 0; l < kLanes; ++l) total = _mm512_add_ps(total, outputs[l]);
+    float totals[16];
+    Store(totals, total);
+    for (int64_t r = 0; r < RR; ++r)
+      for (int64_t c = 0; c < CR; ++c) p.y[(r0 + r) * p.n + c0 + c] = totals[r * CR + c];
+    return;
+  }
+#endif
   for (int64_t r = 0; r < RR; ++r)
     for (int64_t c = 0; c < CR; ++c) Store(lanes[r][c], sum[r][c]);
 #else
