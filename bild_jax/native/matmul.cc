@@ -1,10 +1,10 @@
 // float32 products for the few rows of a decode step, streaming the weights once with every core.
 //
 // XLA:CPU runs a matrix-vector product on one core, which reads memory at about half the machine's
-// bandwidth; a decode step is a chain of such products. Both kernels split the weight into chunks that the
+// bandwidth; a decode step is a chain of such products. Both kernels split the work into tasks that the
 // calling thread and XLA's intra-op threads take in turn, so a helper that wakes late costs nothing, and
-// each output element is summed in one fixed order whatever the number of rows or threads: a row's result
-// never depends on the rows computed with it (a verification block gives the one-token step's logits).
+// each output element is summed in one fixed order whatever the number of rows: a row's result never
+// depends on the rows computed with it (a verification block gives the one-token step's logits).
 //
 //   bild_matmul:            y[M, N] = x[M, K] @ w[K, N]   (Dense kernels)
 //   bild_matmul_transposed: y[M, N] = x[M, K] @ w[N, K]^T (tied embedding tables used as the output layer)
