@@ -265,6 +265,7 @@ def in_turns(small: Model, large: Model, input_ids, max_new_tokens: int) -> Gene
     (large, small), prompts, prompt_lengths = prepare_inputs((large, small), input_ids, max_new_tokens, None, None)
     return _in_turns(small, large, prompts, prompt_lengths, max_new_tokens=int(max_new_tokens))
 
+
 @dataclasses.dataclass
 class _Calls:
     """A generate function that records the wall time and generated tokens of each of its calls."""
