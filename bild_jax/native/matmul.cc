@@ -1,4 +1,5 @@
-// float32 products for the few rows of a decode step, streaming the weights once with every core.
+// float32 products for the rows of decode steps, verification blocks and short prompt passes, streaming the
+// weights once with every core.
 //
 // XLA:CPU runs a matrix-vector product on one core, which reads memory at about half the machine's
 // bandwidth; a decode step is a chain of such products. Both kernels split the work into tasks that the
@@ -35,7 +36,6 @@ constexpr int64_t kRows = 8;    // rows of w per pass over the outputs when stre
 constexpr int64_t kSequentialRows = 2;  // up to this many rows of x, w is streamed; more are tiled (Products)
 constexpr int64_t kStreamedBytes = 512 * 1024;  // weights this large are streamed one row of w per pass
 constexpr int64_t kAheadBytes = 16 * 1024;      // how far ahead of a streamed row its successors are prefetched
-constexpr int64_t kBlock = 16;  // rows of w per block of a tiled product
 constexpr int64_t kTransposedRows = 4, kTransposedColumns = 4;  // output tile of a transposed product
 
 inline float Widen(float w) { return w; }
@@ -71,6 +71,7 @@ inline Vector Load(const uint16_t* w) {  // bfloat16 widened
 }
 inline Vector Broadcast(float x) { return _mm512_set1_ps(x); }
 inline Vector Fma(Vector a, Vector b, Vector c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vector Add(Vector a, Vector b) { return _mm512_add_ps(a, b); }
 inline Vector LoadOutputs(const float* y) { return _mm512_loadu_ps(y); }
 inline void Store(float* y, Vector v) { _mm512_storeu_ps(y, v); }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -85,6 +86,7 @@ inline Vector Load(const uint16_t* w) {  // bfloat16 widened
 }
 inline Vector Broadcast(float x) { return _mm256_set1_ps(x); }
 inline Vector Fma(Vector a, Vector b, Vector c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vector Add(Vector a, Vector b) { return _mm256_add_ps(a, b); }
 inline Vector LoadOutputs(const float* y) { return _mm256_loadu_ps(y); }
 inline void Store(float* y, Vector v) { _mm256_storeu_ps(y, v); }
 #else
@@ -130,89 +132,6 @@ void StreamRowBlocks(const Product<W>& p, int64_t k0, int64_t k1, float* __restr
   }
 }
 
-// More rows (verification blocks) make the product compute-bound: a tile of MR rows x V vectors of outputs
-// stays in registers over kBlock rows of w, so that each vector of w read feeds MR multiply-adds and the
-// outputs are read and written K/kBlock times. A tile's walk down a block's columns defeats the hardware
-// prefetcher, so each step of it prefetches the same columns of the next block into L2: spread over the
-// multiply-adds, the loads from memory overlap them (a burst of the whole next block's prefetches at the
-// block's start stalled the loop until they were under way: 11 rows, from memory, took about the sum of the
-// product's memory time and compute time). Threads split a tiled product by columns (`TileWindow`), so that
-// one thread's prefetches run on through all of w's rows. (Bundled large model, float32, 2 cores: passes of
-// 4, 6 and 11 tokens 0.82x, 0.71x, 0.82x the time of row chunks with a burst prefetch per block.)
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-template <int64_t MR, int64_t V, int64_t KB, typename W>
-int64_t TileColumns(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, int64_t j, float* __restrict out,
-                    const W* ahead) {
-  const W* __restrict w = p.w + kk * p.ld;
-  const float* x = p.x + r0 * p.k + kk;
-  float* __restrict y = out + r0 * p.ld;
-  for (; j + V * kVector <= p.n; j += V * kVector) {
-    Vector sum[MR][V];
-    for (int64_t r = 0; r < MR; ++r)
-      for (int64_t v = 0; v < V; ++v) sum[r][v] = LoadOutputs(y + r * p.ld + j + v * kVector);
-#pragma GCC unroll 4
-    for (int64_t i = 0; i < (KB > 0 ? KB : rows); ++i) {
-      if (ahead) {
-        const char* line = reinterpret_cast<const char*>(ahead + i * p.ld + j);
-        for (int64_t byte = 0; byte < V * kVector * int64_t{sizeof(W)}; byte += 64) __builtin_prefetch(line + byte, 0, 2);
-      }
-      Vector wv[V];
-      for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * p.ld + j + v * kVector);
-      for (int64_t r = 0; r < MR; ++r) {
-        const Vector xr = Broadcast(x[r * p.k + i]);
-        for (int64_t v = 0; v < V; ++v) sum[r][v] = Fma(xr, wv[v], sum[r][v]);
-      }
-    }
-    for (int64_t r = 0; r < MR; ++r)
-      for (int64_t v = 0; v < V; ++v) Store(y + r * p.ld + j + v * kVector, sum[r][v]);
-  }
-  return j;
-}
-#endif
-
-// Outputs of rows r0 .. r0 + MR from rows kk .. kk + rows of w: tiles of kTileVectors vectors, then of one,
-// then the last columns one by one; `ahead` (or null): w's rows kBlock below kk, prefetched.
-template <int64_t MR, typename W>
-void TileBlock(const Product<W>& p, int64_t r0, int64_t kk, int64_t rows, float* __restrict out, const W* ahead) {
-  int64_t j = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  if (rows == kBlock) {
-    j = TileColumns<MR, kTileVectors, kBlock>(p, r0, kk, rows, j, out, ahead);
-    j = TileColumns<MR, 1, kBlock>(p, r0, kk, rows, j, out, ahead);
-  } else {
-    j = TileColumns<MR, kTileVectors, 0>(p, r0, kk, rows, j, out, ahead);
-    j = TileColumns<MR, 1, 0>(p, r0, kk, rows, j, out, ahead);
-  }
-#endif
-  const W* __restrict w = p.w + kk * p.ld;
-  for (; j < p.n; ++j)
-    for (int64_t r = 0; r < MR; ++r) {
-      float* y = out + (r0 + r) * p.ld + j;
-      for (int64_t i = 0; i < rows; ++i) *y = std::fma(p.x[(r0 + r) * p.k + kk + i], Widen(w[i * p.ld + j]), *y);
-    }
-}
-
-// out[M, N] (row stride p.ld) = x[:, k0:k1] @ w[k0:k1, :], out zeroed first; while a whole block of w lies
-// below the current one, the first row tile prefetches it (also past k1: the caller goes on there).
-template <typename W>
-void TileRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
-  for (int64_t r = 0; r < p.m; ++r) std::memset(out + r * p.ld, 0, p.n * sizeof(float));
-  for (int64_t kk = k0; kk < k1; kk += kBlock) {
-    const int64_t rows = std::min(kBlock, k1 - kk);
-    for (int64_t r0 = 0; r0 < p.m; r0 += kTileRows) {
-      const W* ahead = r0 == 0 && kk + 2 * kBlock <= p.k ? p.w + (kk + kBlock) * p.ld : nullptr;
-      switch (std::min(kTileRows, p.m - r0)) {
-        case 1: TileBlock<1>(p, r0, kk, rows, out, ahead); break;
-        case 2: TileBlock<2>(p, r0, kk, rows, out, ahead); break;
-        case 3: TileBlock<3>(p, r0, kk, rows, out, ahead); break;
-        case 4: TileBlock<4>(p, r0, kk, rows, out, ahead); break;
-        case 5: TileBlock<5>(p, r0, kk, rows, out, ahead); break;
-        default: TileBlock<kTileRows>(p, r0, kk, rows, out, ahead); break;
-      }
-    }
-  }
-}
-
 // out[M, N] = x[:, k0:k1] @ w[k0:k1, :], streamed (one or two rows), out zeroed first.
 template <typename W>
 void StreamRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
@@ -238,23 +157,91 @@ inline RowChunks SplitRows(ffi::ThreadPool& pool, int64_t k) {
   return {count, ChunkSize(k, count, kRows)};
 }
 
+// More rows (verification blocks) make the product compute-bound: a tile of MR rows x V vectors of outputs
+// stays in registers over a whole row chunk of w (`SplitRows`), so that each vector of w read feeds MR
+// multiply-adds and each output is stored once per chunk, the chunk's sum added to it there (a tile over
+// 16 rows of w at a time, with each chunk summed into a zeroed buffer and added in a pass of its own, spent
+// about a fifth of its time on those; one core, 11-12 rows, in cache: 36-45 GMAC/s then, 45-48 now, of the 56
+// it can do). Threads
+// split a tiled product by columns (`TileWindow`), so that one thread's prefetches run on through all of w's
+// rows; within a chunk the row tiles of a tile's columns follow each other, so its rows of w are still in L1
+// for the second. A tile's walk down the columns defeats the hardware prefetcher, so each of its steps
+// prefetches the same columns of the next chunk into L2: spread over the multiply-adds, the loads from memory
+// overlap them (a burst of prefetches at the start of each block stalled the loop until they were under way).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+template <int64_t MR, int64_t V, typename W>
+void TileChunk(const Product<W>& p, int64_t r0, int64_t k0, int64_t rows, int64_t j, bool first,
+               int64_t ahead_rows) {
+  const W* __restrict w = p.w + k0 * p.ld + j;
+  const float* x = p.x + r0 * p.k + k0;
+  float* __restrict y = p.y + r0 * p.ld + j;
+  Vector sum[MR][V];
+  for (int64_t r = 0; r < MR; ++r)
+    for (int64_t v = 0; v < V; ++v) sum[r][v] = Broadcast(0.0f);
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < rows; ++i) {
+    if (i < ahead_rows) {
+      const char* line = reinterpret_cast<const char*>(w + (rows + i) * p.ld);
+      for (int64_t byte = 0; byte < V * kVector * int64_t{sizeof(W)}; byte += 64) __builtin_prefetch(line + byte, 0, 2);
+    }
+    Vector wv[V];
+    for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * p.ld + v * kVector);
+    for (int64_t r = 0; r < MR; ++r) {
+      const Vector xr = Broadcast(x[r * p.k + i]);
+      for (int64_t v = 0; v < V; ++v) sum[r][v] = Fma(xr, wv[v], sum[r][v]);
+    }
+  }
+  for (int64_t r = 0; r < MR; ++r)
+    for (int64_t v = 0; v < V; ++v) {
+      float* out = y + r * p.ld + v * kVector;
+      Store(out, first ? sum[r][v] : Add(LoadOutputs(out), sum[r][v]));
+    }
+}
+
+// The chunk of rows k0 .. k0 + rows of w for every row of x, in tiles of V vectors of columns from j on;
+// returns the first column left. The first row tile prefetches the next chunk's `ahead_rows` rows.
+template <int64_t V, typename W>
+int64_t TileColumns(const Product<W>& p, int64_t k0, int64_t rows, int64_t j, bool first, int64_t ahead_rows) {
+  for (; j + V * kVector <= p.n; j += V * kVector)
+    for (int64_t r0 = 0; r0 < p.m; r0 += kTileRows) {
+      const int64_t ahead = r0 == 0 ? ahead_rows : 0;
+      switch (std::min(kTileRows, p.m - r0)) {
+        case 1: TileChunk<1, V>(p, r0, k0, rows, j, first, ahead); break;
+        case 2: TileChunk<2, V>(p, r0, k0, rows, j, first, ahead); break;
+        case 3: TileChunk<3, V>(p, r0, k0, rows, j, first, ahead); break;
+        case 4: TileChunk<4, V>(p, r0, k0, rows, j, first, ahead); break;
+        case 5: TileChunk<5, V>(p, r0, k0, rows, j, first, ahead); break;
+        default: TileChunk<kTileRows, V>(p, r0, k0, rows, j, first, ahead); break;
+      }
+    }
+  return j;
+}
+#endif
+
 // y[:, n0:n1] of a tiled product, summed as `SplitRows` says: one thread walks all of w's rows for these
-// columns (so its prefetches run ahead across the row chunks), each chunk summed into `partial` and added.
+// columns, chunk by chunk, each chunk's sum stored (the first) or added to y.
 template <typename W>
 void TileWindow(const Product<W>& p, RowChunks split, int64_t n0, int64_t n1) {
   Product<W> window = p;
   window.w += n0;
   window.y += n0;
   window.n = n1 - n0;
-  thread_local std::vector<float> partial;
-  partial.resize(p.m * p.ld);
   for (int64_t c = 0; c < split.count; ++c) {
-    const int64_t k0 = std::min(p.k, c * split.rows), k1 = std::min(p.k, k0 + split.rows);
-    float* out = c == 0 ? window.y : partial.data() + n0;
-    TileRows(window, k0, k1, out);
-    if (c > 0)
-      for (int64_t r = 0; r < p.m; ++r)
-        for (int64_t j = 0; j < window.n; ++j) window.y[r * p.ld + j] += out[r * p.ld + j];
+    const int64_t k0 = std::min(p.k, c * split.rows), rows = std::min(p.k, k0 + split.rows) - k0;
+    const bool first = c == 0;
+    int64_t j = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    const int64_t ahead_rows = std::min(rows, p.k - k0 - rows);
+    j = TileColumns<kTileVectors>(window, k0, rows, j, first, ahead_rows);
+    j = TileColumns<1>(window, k0, rows, j, first, ahead_rows);
+#endif
+    for (; j < window.n; ++j)
+      for (int64_t r = 0; r < p.m; ++r) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < rows; ++i) sum = std::fma(p.x[r * p.k + k0 + i], Widen(window.w[(k0 + i) * p.ld + j]), sum);
+        float* out = window.y + r * p.ld + j;
+        *out = first ? sum : *out + sum;
+      }
   }
 }
 
