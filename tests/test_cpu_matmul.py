@@ -62,6 +62,10 @@ def test_products_match_float64_and_each_row_alone(transposed, columns, inner):
     # Leading axes are rows too.
     stacked = np.asarray(jax.jit(product)(x[:10].reshape(2, 5, inner)))
     np.testing.assert_array_equal(stacked.reshape(10, columns), block[:10])
+    # A prompt pass of MAX_ROWS rows (many tiles of rows) gives each row the same sums too.
+    tall = np.resize(x, (cpu_matmul.MAX_ROWS, inner))
+    assert cpu_matmul.native_applies(jnp.asarray(tall), jnp.asarray(weight))
+    np.testing.assert_array_equal(np.asarray(jax.jit(product)(tall))[:11], block)
 
 
 def test_a_group_of_kernels_is_one_call_with_each_kernel_s_own_sums():
@@ -141,7 +145,8 @@ def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, ever
                  if dtypes[name] == jnp.float32)
     assert loop_copy_bytes(half, rows=4) == copied
     # Past MAX_ROWS the loop's products are XLA's, which reads float32 copies of everything.
-    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(for_decode_loop(half, rows=64).params))
+    past = for_decode_loop(half, rows=cpu_matmul.MAX_ROWS + 1)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(past.params))
 
     @jax.jit
     def prompt_then_step(model, prompts):  # the loop's passes: a prompt pass, then a one-token step
@@ -176,8 +181,8 @@ def test_gradients_are_xla_dots():
 
 
 def test_xla_keeps_what_the_kernel_does_not_speed_up(monkeypatch):
-    x, w = _operands(17)
-    # Too many rows (a prompt pass), too small a weight, another dtype, or switched off: XLA's dot.
+    x, w = _operands(cpu_matmul.MAX_ROWS + 1)
+    # Too many rows (a long prompt pass), too small a weight, another dtype, or switched off: XLA's dot.
     assert not cpu_matmul.native_applies(jnp.asarray(x), jnp.asarray(w))
     assert not cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w[:, :64]))
     # A bfloat16 weight counts as the float32 copy XLA's dot would read instead (78 KB, 156 KB as float32).
