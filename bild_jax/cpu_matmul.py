@@ -11,7 +11,7 @@ reads half the bytes of its float32 copy and gets the same sums), a weight (or a
 one input, `dense_products`) of at least `MIN_WEIGHT_BYTES` as float32 (smaller ones sit in cache, where
 XLA's dot is as fast; a bfloat16 weight counts as the float32 copy XLA's dot would read), at most
 `MAX_ROWS` rows (a decode step, a verification block, or a prompt pass of up to 64 tokens: its tiles are as
-fast as XLA's dot up to about 128 rows, 0.8-0.95x the time at 32-64, and slower past that; long prompts
+fast as XLA's dot up to about 128 rows, 0.8-1.0x the time at 32-64, and slower past that; long prompts
 and training batches go to XLA), one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner
 splits), the kernels built (`native_library`). Differentiable: derivatives are XLA dots.
 """

@@ -162,10 +162,9 @@ inline RowChunks SplitRows(ffi::ThreadPool& pool, int64_t k) {
 // multiply-adds and each output is stored once per chunk, the chunk's sum added to it there (a tile over
 // 16 rows of w at a time, with each chunk summed into a zeroed buffer and added in a pass of its own, spent
 // about a fifth of its time on those; one core, 11-12 rows, in cache: 36-45 GMAC/s then, 45-48 now, of the 56
-// it can do). Threads
-// split a tiled product by columns (`TileWindow`), so that one thread's prefetches run on through all of w's
-// rows; within a chunk the row tiles of a tile's columns follow each other, so its rows of w are still in L1
-// for the second. A tile's walk down the columns defeats the hardware prefetcher, so each of its steps
+// it can do). Threads split a tiled product by columns (`TileWindow`), so that one thread's prefetches run on
+// through all of w's rows; within a chunk the row tiles of a tile's columns follow each other, so its rows of
+// w are still in L1 for the second. A tile's walk down the columns defeats the hardware prefetcher, so each of its steps
 // prefetches the same columns of the next chunk into L2: spread over the multiply-adds, the loads from memory
 // overlap them (a burst of prefetches at the start of each block stalled the loop until they were under way).
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
