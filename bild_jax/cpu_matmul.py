@@ -5,8 +5,11 @@ and a decode step is a chain of them over every weight of the model. The kernel 
 with all cores (XLA's own intra-op threads) and sums every output in one fixed order, so a row's result is
 the same whatever rows share the call: the logits of a verification block equal those of one-token steps.
 
-It takes the products that are worth it and leaves the rest to XLA, decided at trace time from static
-shapes: float32 rows times a float32 or bfloat16 weight (widened exactly as it is read, so a bfloat16 model
+The kernel reads a Dense kernel panel-major (`native/panels.h`: blocks of 64 columns, each read from start
+to end, so the weight is one sequential read and a panel's outputs stay in registers): the CPU decode loop
+holds such kernels as `PanelKernel`s (`panel_kernel`, `model.with_panels`), which keep the [K, N] kernel
+too for XLA's dot. It takes the products that are worth it and leaves the rest to XLA, decided at trace time
+from static shapes: float32 rows times a panel-major float32 or bfloat16 kernel (widened exactly as it is read, so a bfloat16 model
 reads half the bytes of its float32 copy and gets the same sums), a weight (or a group of weights read with
 one input, `dense_products`) of at least `MIN_WEIGHT_BYTES` as float32 (smaller ones sit in cache, where
 XLA's dot is as fast; a bfloat16 weight counts as the float32 copy XLA's dot would read), at most
@@ -23,6 +26,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from flax.linen.dtypes import promote_dtype as flax_promote_dtype
 from jax import lax
 
@@ -34,14 +38,50 @@ MAX_ROWS = 64
 _TRANSPOSED_TARGETS = {"float32": "bild_matmul_transposed", "bfloat16": "bild_matmul_transposed_bf16"}
 
 
-def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+@struct.dataclass
+class PanelKernel:
+    """A Dense kernel [K, N] as the CPU decode loop holds it: `dense` as it is (for XLA's dot) and `panels`,
+    the same values panel-major (`native/panels.h`; also shaped [K, N], same dtype) for the native kernel.
+    Made by `panel_kernel`; flax's Dense takes it as its [K, N] kernel param."""
+
+    dense: jax.Array
+    panels: jax.Array
+
+    shape = property(lambda self: self.dense.shape)
+    dtype = property(lambda self: self.dense.dtype)
+    ndim = property(lambda self: self.dense.ndim)
+    size = property(lambda self: self.dense.size)
+
+
+def packable(kernel) -> bool:
+    """Whether `panel_kernel` packs this param: a 2-D float32 or bfloat16 kernel, on one CPU device with the
+    native kernels built."""
+    return (not isinstance(kernel, PanelKernel) and kernel.ndim == 2 and kernel.dtype in (jnp.float32, jnp.bfloat16)
+            and native_library.on_cpu_device() and native_library.available())
+
+
+def panel_kernel(kernel: jax.Array) -> PanelKernel:
+    """kernel [K, N] (`packable`) -> `PanelKernel` (one native copy, about as fast as memory copies).
+    Derivatives flow through `dense` only (`_native_products`' rule reads it)."""
+    call = jax.ffi.ffi_call("bild_panels", jax.ShapeDtypeStruct(kernel.shape, kernel.dtype), vmap_method="sequential")
+    return PanelKernel(dense=kernel, panels=call(lax.stop_gradient(kernel)))
+
+
+def dense_kernel(kernel):
+    """The [K, N] kernel of a param that may be a `PanelKernel`."""
+    return kernel.dense if isinstance(kernel, PanelKernel) else kernel
+
+
+def dense_dot_general(lhs: jax.Array, rhs, dimension_numbers, precision=None,
                       preferred_element_type=None) -> jax.Array:
     """`lax.dot_general` for `nn.Dense(dot_general=...)`: x [..., K] @ kernel [K, N] through the native
-    kernel where `native_applies`, else XLA's dot (a bfloat16 kernel with float32 rows widened first)."""
+    kernel where `native_applies` (a `PanelKernel`), else XLA's dot (a bfloat16 kernel with float32 rows
+    widened first)."""
     dense = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
-    if dense and preferred_element_type in (None, jnp.float32) and native_applies(lhs, rhs):
+    if (dense and preferred_element_type in (None, jnp.float32) and isinstance(rhs, PanelKernel)
+            and native_applies(lhs, rhs)):
         return _native_products(lhs, rhs)[0]
-    lhs, rhs = widened(lhs, rhs)
+    lhs, rhs = widened(lhs, dense_kernel(rhs))
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
 
@@ -60,10 +100,12 @@ def dense_products(x: jax.Array, kernels: Sequence[jax.Array]) -> list[jax.Array
 
 def promote_dtype(inputs, kernel, bias, dtype=None, inexact: bool = True) -> list:
     """`nn.Dense(promote_dtype=...)`: flax's promotion, except that a bfloat16 kernel meeting float32 rows
-    stays bfloat16 for `dense_dot_general` (the CPU decode loop keeps the weights the kernel reads so)."""
-    if dtype is None and inputs.dtype == jnp.float32 and kernel is not None and kernel.dtype == jnp.bfloat16:
+    stays bfloat16 for `dense_dot_general` (the CPU decode loop keeps the weights the kernel reads so), and
+    a `PanelKernel` meeting float32 rows stays one."""
+    if (dtype is None and inputs.dtype == jnp.float32 and kernel is not None
+            and (kernel.dtype == jnp.bfloat16 or isinstance(kernel, PanelKernel))):
         return [inputs, kernel, None if bias is None else bias.astype(jnp.float32)]
-    return flax_promote_dtype(inputs, kernel, bias, dtype=dtype, inexact=inexact)
+    return flax_promote_dtype(inputs, dense_kernel(kernel), bias, dtype=dtype, inexact=inexact)
 
 
 def attend(table: jax.Array, x: jax.Array) -> jax.Array:
@@ -99,17 +141,19 @@ def _widen_after_jvp(primals, tangents):
     return _widen_after(rows, weight), weight_dot.astype(jnp.float32)
 
 
-def native_applies(x: jax.Array, weight: jax.Array) -> bool:
-    """Whether x [..., K] times the 2-D `weight` runs in the native kernel (static: shapes, dtypes, backend)."""
+def native_applies(x: jax.Array, weight) -> bool:
+    """Whether x [..., K] times the 2-D `weight` (a `PanelKernel`, or a tied table [V, K] used transposed)
+    runs in the native kernel (static: shapes, dtypes, backend)."""
     return x.dtype == jnp.float32 and weight.ndim == 2 and native_reads(weight, math.prod(x.shape[:-1]))
 
 
 def native_applies_group(x: jax.Array, kernels: Sequence[jax.Array]) -> bool:
-    """Whether x [..., K] times every kernel [K, N_i] runs in one native call: kernels of one dtype that
+    """Whether x [..., K] times every kernel [K, N_i] runs in one native call: `PanelKernel`s of one dtype that
     together weigh at least `MIN_WEIGHT_BYTES` as float32 (a bfloat16 model's decode loop widens its small
     kernels once per call, `model.for_decode_loop`, so its groups may mix dtypes: each kernel then goes
     alone)."""
-    if x.dtype != jnp.float32 or len({k.dtype for k in kernels}) != 1 or any(k.ndim != 2 for k in kernels):
+    if (x.dtype != jnp.float32 or len({k.dtype for k in kernels}) != 1
+            or not all(isinstance(k, PanelKernel) for k in kernels)):
         return False
     return native_reads(kernels[0], math.prod(x.shape[:-1]), sum(4 * k.size for k in kernels))
 
@@ -124,16 +168,16 @@ def native_reads(weight: jax.Array, rows: int, group_bytes: int | None = None) -
 
 
 @jax.custom_jvp
-def _native_products(x: jax.Array, *kernels: jax.Array) -> tuple[jax.Array, ...]:
+def _native_products(x: jax.Array, *kernels: PanelKernel) -> tuple[jax.Array, ...]:
     outputs = tuple(jax.ShapeDtypeStruct(x.shape[:-1] + (kernel.shape[1],), x.dtype) for kernel in kernels)
-    return jax.ffi.ffi_call("bild_matmul", outputs, vmap_method="sequential")(x, *kernels)
+    return jax.ffi.ffi_call("bild_matmul", outputs, vmap_method="sequential")(x, *(k.panels for k in kernels))
 
 
 @_native_products.defjvp
 def _native_products_jvp(primals, tangents):
     (x, *kernels), (x_dot, *kernel_dots) = primals, tangents
     return _native_products(x, *kernels), tuple(
-        (x_dot @ kernel.astype(jnp.float32) + x @ kernel_dot.astype(jnp.float32)).astype(jnp.float32)
+        (x_dot @ kernel.dense.astype(jnp.float32) + x @ kernel_dot.dense.astype(jnp.float32)).astype(jnp.float32)
         for kernel, kernel_dot in zip(kernels, kernel_dots))
 
 

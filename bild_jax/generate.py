@@ -13,7 +13,7 @@ from jax import lax
 
 from bild_jax.errors import InputError
 from bild_jax.memory import check_generate_fits
-from bild_jax.model import Model, for_decode_loop
+from bild_jax.model import Model, for_decode_loop, with_panels
 from bild_jax.prompts import (check_positions, decoder_capacity, eos_array, is_eos, prefill,
                               prepare_prompts)
 from bild_jax.sampling import TOKEN, SamplingParams, check_rng, process_logits, row_keys, sample
@@ -145,14 +145,15 @@ def sample_generate(model: Model, input_ids, max_new_tokens: int, rng: jax.Array
 def prepare_inputs(models: Sequence[Model], input_ids, max_new_tokens: int, attention_mask, mesh
                    ) -> tuple[tuple[Model, ...], jax.Array, jax.Array]:
     """Checked input of every generate entry point: (models, prompts [B, T] int32, prompt_lengths [B] int32),
-    placed on the mesh. The first model lays out the batch; every model must fit prompt + new tokens."""
+    placed on the mesh, each model with its panel-major kernels made once (`with_panels`). The first model
+    lays out the batch; every model must fit prompt + new tokens."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     prompts, prompt_lengths = prepare_prompts(input_ids, attention_mask, models[0].vocab_size)
     for model in models:
         check_positions(model, int(prompt_lengths.max()), int(max_new_tokens))
     models, (prompts, prompt_lengths) = distribute(mesh, models, (prompts, prompt_lengths))
-    return models, prompts, prompt_lengths
+    return tuple(with_panels(model) for model in models), prompts, prompt_lengths
 
 
 def output_pad_id(model: Model) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import jax
@@ -108,18 +109,56 @@ def for_decode_loop(model: Model, rows: int) -> Model:
     that bild-jax's native kernel reads in every step (`cpu_matmul.native_reads`): it widens them as it
     reads, so they stay as they are, half the bytes of a float32 copy for the same sums. On GPUs and TPUs,
     which compute in half precision natively, the model is returned unchanged.
+
+    Then the Dense kernels get their panel-major copies for the native kernel (`with_panels`), unless they
+    have them: made here, inside a jit, they cost a copy of the kernels on every call (the bundled large
+    model: 44 MB in float32), so the generate functions call `with_panels` first, outside their jit, once
+    per model; do the same before calling the pure decode functions in your own jit.
     """
-    if decode_loop_dtype(model) == model.dtype:
-        return model
-    return model.replace(params=jax.tree_util.tree_map_with_path(
-        lambda path, p: p if _kept_in_loop(model, path, p, rows) else p.astype(jnp.float32), model.params))
+    if decode_loop_dtype(model) != model.dtype:
+        def in_loop(path, param):
+            if _kept_in_loop(model, path, param, rows):
+                return param
+            return cpu_matmul.dense_kernel(param).astype(jnp.float32)
+
+        model = model.replace(params=jax.tree_util.tree_map_with_path(in_loop, model.params, is_leaf=_is_panel_kernel))
+    return with_panels(model)
+
+
+def with_panels(model: Model) -> Model:
+    """The model with every Dense kernel (layers.Dense names it "kernel") that the native products can read
+    (`cpu_matmul.packable`) held as a `cpu_matmul.PanelKernel`: its [K, N] values and their panel-major copy
+    (as many bytes again). Unchanged off CPU or without the native kernels. Called outside a jit, the result
+    is kept for as long as `model` lives: the next call returns it."""
+    leaves = jax.tree_util.tree_leaves(model.params)
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+    if not traced and id(model) in _WITH_PANELS:
+        return _WITH_PANELS[id(model)]
+
+    def pack(path, param):
+        names = tuple(getattr(key, "key", None) for key in path)
+        return cpu_matmul.panel_kernel(param) if names[-1] == "kernel" and cpu_matmul.packable(param) else param
+
+    packed = model.replace(params=jax.tree_util.tree_map_with_path(pack, model.params, is_leaf=_is_panel_kernel))
+    if not traced:
+        _WITH_PANELS[id(model)] = packed
+        weakref.finalize(model, _WITH_PANELS.pop, id(model), None)
+    return packed
+
+
+# id(model) -> `with_panels(model)`, for the models alive (a finalizer drops each entry).
+_WITH_PANELS: dict[int, Model] = {}
+
+
+def _is_panel_kernel(param) -> bool:
+    return isinstance(param, cpu_matmul.PanelKernel)
 
 
 def loop_copy_bytes(model: Model, rows: int) -> int:
     """Bytes of the float32 copies `for_decode_loop(model, rows)` makes (0 where it keeps the params)."""
     if decode_loop_dtype(model) == model.dtype:
         return 0
-    return sum(4 * p.size for path, p in jax.tree_util.tree_leaves_with_path(model.params)
+    return sum(4 * p.size for path, p in jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_panel_kernel)
                if not _kept_in_loop(model, path, p, rows))
 
 

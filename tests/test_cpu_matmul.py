@@ -15,18 +15,25 @@ import pytest
 import bild_jax
 from bild_jax import cpu_matmul, native_library
 from bild_jax.bild import BiLDConfig, bild_generate
+from bild_jax.model import with_panels
 
+
+
+def _panels(w):
+    """w [K, N] as the decode loop holds a Dense kernel: a `PanelKernel` where `packable`."""
+    w = jnp.asarray(w)
+    return cpu_matmul.panel_kernel(w) if cpu_matmul.packable(w) else w
 
 
 def _dense(a, w):
-    """What `nn.Dense` asks for: a [..., K] @ w [K, N]."""
-    return cpu_matmul.dense_dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())))
+    """What `nn.Dense` asks for in the decode loop: a [..., K] @ w [K, N], w panel-major where it can be."""
+    return cpu_matmul.dense_dot_general(a, _panels(w), (((a.ndim - 1,), (0,)), ((), ())))
 
 
-# K not a multiple of the kernel's 8- or 16-row blocks or its 16 lanes, N not a multiple of its column tiles;
-# the weight (1.1 MB) is above MIN_WEIGHT_BYTES and streamed one row at a time for one or two rows of x.
+# K not a multiple of the kernel's 8-row chunk unit or its 16 lanes; N: 10 panels of 64 columns and one of
+# 61 (3 vectors and 13 scalar columns); 1.1 MB, above MIN_WEIGHT_BYTES.
 K, N = 389, 701
-# A weight under the kernel's streamed size (467 KB), which it streams eight rows of w at a time.
+# 4 panels and one of 44 columns.
 NARROW = 300
 
 pytestmark = pytest.mark.skipif(not native_library.available(), reason="no C++ compiler for the native kernel")
@@ -51,12 +58,12 @@ def test_products_match_float64_and_each_row_alone(transposed, columns, inner):
     def product(a):
         return cpu_matmul.attend(weight, a) if transposed else _dense(a, weight)
 
-    assert cpu_matmul.native_applies(jnp.asarray(x), jnp.asarray(weight))
+    assert cpu_matmul.native_applies(jnp.asarray(x), jnp.asarray(weight) if transposed else _panels(weight))
     assert "bild_matmul" in _lowered(product, x)
     block = np.asarray(jax.jit(product)(x))
     np.testing.assert_allclose(block, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-4)
-    # Summed in one order whatever the rows (streamed for one or two, in tiles of rows for more): a
-    # verification block's logits are the one-token steps' logits.
+    # Summed in one order whatever the rows (tiles of 1 to 6 rows): a verification block's logits are the
+    # one-token steps' logits.
     for rows in ((0,), (5,), (10,), (3, 4), (0, 1, 2), (2, 3, 4, 5, 6, 7, 8)):
         np.testing.assert_array_equal(np.asarray(jax.jit(product)(x[list(rows)])), block[list(rows)])
     # Leading axes are rows too.
@@ -64,14 +71,14 @@ def test_products_match_float64_and_each_row_alone(transposed, columns, inner):
     np.testing.assert_array_equal(stacked.reshape(10, columns), block[:10])
     # A prompt pass of MAX_ROWS rows (many tiles of rows) gives each row the same sums too.
     tall = np.resize(x, (cpu_matmul.MAX_ROWS, inner))
-    assert cpu_matmul.native_applies(jnp.asarray(tall), jnp.asarray(weight))
+    assert cpu_matmul.native_applies(jnp.asarray(tall), jnp.asarray(weight) if transposed else _panels(weight))
     np.testing.assert_array_equal(np.asarray(jax.jit(product)(tall))[:11], block)
 
 
 def test_a_group_of_kernels_is_one_call_with_each_kernel_s_own_sums():
     """q/k/v (or gate/up) products of one row block in one native call: the values of separate calls."""
     x, w = _operands(11, seed=4)
-    kernels = [jnp.asarray(w), jnp.asarray(w[:, :NARROW] * 0.5), jnp.asarray(w[:, :100])]  # each native alone too
+    kernels = [_panels(w), _panels(w[:, :NARROW] * 0.5), _panels(w[:, :100])]  # each native alone too
 
     def group(a):
         return cpu_matmul.dense_products(a, kernels)
@@ -81,14 +88,14 @@ def test_a_group_of_kernels_is_one_call_with_each_kernel_s_own_sums():
     for rows in (x[:1], x[:2], x):
         grouped = jax.jit(group)(rows)
         for got, kernel in zip(grouped, kernels):
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(_dense)(rows, kernel)))
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(_dense)(rows, kernel.dense)))
     # Kernels of two dtypes go one by one (the small ones alone too small for the kernel: XLA's dot).
-    mixed = [kernels[0].astype(jnp.bfloat16), kernels[2][:, :40]]
+    mixed = [_panels(w.astype(jnp.bfloat16)), _panels(w[:, :40])]
     assert not cpu_matmul.native_applies_group(jnp.asarray(x[:1]), mixed)
     text = _lowered(lambda a: cpu_matmul.dense_products(a, mixed), x[:1])
     assert text.count("bild_matmul") == 1
     np.testing.assert_array_equal(np.asarray(cpu_matmul.dense_products(jnp.asarray(x[:1]), mixed)[1]),
-                                  np.asarray(jnp.asarray(x[:1]) @ mixed[1]))
+                                  np.asarray(jnp.asarray(x[:1]) @ mixed[1].dense))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -102,7 +109,7 @@ def test_bfloat16_weights_give_the_sums_of_their_float32_copy(transposed):
 
     text = _lowered(product, x, half)
     assert ("bild_matmul_transposed_bf16" if transposed else "bild_matmul") in text and "xbf16>" in text
-    for rows in (x[:1], x):  # streamed, and in tiles of rows
+    for rows in (x[:1], x):  # one row, and a tile of 4
         np.testing.assert_array_equal(np.asarray(jax.jit(product)(rows, half)),
                                       np.asarray(jax.jit(product)(rows, widened)))
 
@@ -137,9 +144,12 @@ def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, ever
     table = model.family.output_table(model.config)
     assert (table is not None) == kind.endswith("tied")
     kept = for_decode_loop(half, rows=4)
-    dtypes = {tuple(k.key for k in path): p.dtype for path, p in jax.tree_util.tree_leaves_with_path(kept.params)}
+    leaves = jax.tree_util.tree_leaves_with_path(kept.params, is_leaf=lambda p: isinstance(p, cpu_matmul.PanelKernel))
+    dtypes = {tuple(k.key for k in path): p.dtype for path, p in leaves}
     assert all(dtype == (jnp.bfloat16 if name[-1] == "kernel" or name == table else jnp.float32)
                for name, dtype in dtypes.items())
+    packed = [isinstance(p, cpu_matmul.PanelKernel) for _, p in leaves]
+    assert all(is_packed == (path[-1].key == "kernel") for (path, _), is_packed in zip(leaves, packed))
     assert kept.dtype == jnp.float32  # it computes in float32
     copied = sum(4 * p.size for name, p in zip(dtypes, jax.tree_util.tree_leaves(half.params))
                  if dtypes[name] == jnp.float32)
@@ -190,6 +200,8 @@ def test_xla_keeps_what_the_kernel_does_not_speed_up(monkeypatch):
     assert cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w[:, :100], jnp.bfloat16))
     assert not cpu_matmul.native_applies(jnp.asarray(x[:1], jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
     assert "bild_matmul" not in _lowered(lambda a: _dense(a, w), x)
+    # The kernel reads panel-major kernels only: a [K, N] array goes to XLA's dot.
+    assert "bild_matmul" not in _lowered(lambda a: cpu_matmul.dense_dot_general(a, w, (((1,), (0,)), ((), ()))), x[:1])
     monkeypatch.setenv("BILD_JAX_NATIVE_MATMUL", "0")
     assert not cpu_matmul.native_applies(jnp.asarray(x[:1]), jnp.asarray(w))
     np.testing.assert_allclose(np.asarray(_dense(x[:1], w)), x[:1] @ w, rtol=1e-4,
@@ -247,8 +259,10 @@ def test_models_decode_through_the_kernel(every_weight_native, bild_pair, kind):
     ids = jnp.asarray([[3, 5, 7, 9], [4, 6, 8, 10]])
     decoder_ids = jnp.asarray([[0, 5, 6], [0, 8, 9]]) if large.is_encoder_decoder else None
 
+    paneled = with_panels(large)
+
     def step(ids):
-        return bild_jax.forward_logits(large, ids, decoder_ids)
+        return bild_jax.forward_logits(paneled, ids, decoder_ids)
 
     text = jax.jit(step).lower(ids).as_text()
     assert "bild_matmul" in text
@@ -257,10 +271,7 @@ def test_models_decode_through_the_kernel(every_weight_native, bild_pair, kind):
         head = 0 if config.tie_word_embeddings else 1
         assert text.count("custom_call @bild_matmul(") == 4 * config.num_layers + head
     native = np.asarray(step(ids))
-    with pytest.MonkeyPatch.context() as off:
-        off.setenv("BILD_JAX_NATIVE_MATMUL", "0")
-        jax.clear_caches()
-        reference = np.asarray(step(ids))
+    reference = np.asarray(jax.jit(bild_jax.forward_logits)(large, ids, decoder_ids))  # [K, N] kernels: XLA
     jax.clear_caches()
     np.testing.assert_allclose(native, reference, rtol=1e-4, atol=1e-4)
     config = BiLDConfig(max_new_tokens=12, max_draft=3, fallback_threshold=0.3, exact=True, eos_token_id=[])

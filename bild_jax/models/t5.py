@@ -143,7 +143,7 @@ class T5Attention(nn.Module):
 
     def key_value_kernels(self, in_features: int) -> tuple[jax.Array, jax.Array]:
         """The key and value kernels [d_model, H x D]."""
-        return self.k(in_features)[0], self.v(in_features)[0]
+        return cpu_matmul.dense_kernel(self.k(in_features)[0]), cpu_matmul.dense_kernel(self.v(in_features)[0])
 
     def position_bias(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
         """Additive bias [B, H, K, S] float32 for queries at query_positions [B, K] and keys at key_positions

@@ -1,4 +1,4 @@
-// float32 products for the rows of decode steps, verification blocks and short prompt passes, streaming the
+// float32 products for the rows of decode steps, verification blocks and short prompt passes, reading the
 // weights once with every core.
 //
 // XLA:CPU runs a matrix-vector product on one core, which reads memory at about half the machine's
@@ -7,7 +7,7 @@
 // each output element is summed in one fixed order whatever the number of rows: a row's result never
 // depends on the rows computed with it (a verification block gives the one-token step's logits).
 //
-//   bild_matmul:            y[M, N] = x[M, K] @ w[K, N]   (Dense kernels)
+//   bild_matmul:            y[M, N] = x[M, K] @ w[K, N]   (Dense kernels, panel-major: `panels.h`)
 //   bild_matmul_transposed: y[M, N] = x[M, K] @ w[N, K]^T (tied embedding tables used as the output layer)
 // x and y are float32; w is float32 or bfloat16 (widened exactly to float32 as it is read: half the bytes
 // of a float32 copy, and the same sums).
@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "panels.h"
 #include "threads.h"
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -32,10 +33,7 @@ namespace {
 using bild::ChunkCount;
 using bild::InChunks;
 
-constexpr int64_t kRows = 8;    // rows of w per pass over the outputs when streaming, so y is read and written K/8 times
-constexpr int64_t kSequentialRows = 2;  // up to this many rows of x, w is streamed; more are tiled (Products)
-constexpr int64_t kStreamedBytes = 512 * 1024;  // weights this large are streamed one row of w per pass
-constexpr int64_t kAheadBytes = 16 * 1024;      // how far ahead of a streamed row its successors are prefetched
+constexpr int64_t kChunkUnit = 8;  // row chunks of w are multiples of this many rows
 constexpr int64_t kTransposedRows = 4, kTransposedColumns = 4;  // output tile of a transposed product
 
 inline float Widen(float w) { return w; }
@@ -52,7 +50,6 @@ struct Product {
   const W* w;
   float* y;
   int64_t m, k, n;
-  int64_t ld;  // row stride of w and y: n, or more for a window of w's columns
 };
 
 // Every output of out[M, N] = x[:, k0:k1] @ w[k0:k1, :] is the same sum, out = fma(x_k, w_k, out) for
@@ -95,56 +92,10 @@ constexpr int64_t kTileRows = 6, kTileVectors = 1;
 constexpr int64_t kLanes = 16;
 #endif
 
-// One or two rows of x (decode steps): w's rows are streamed in order, R at a time, each row of x keeping
-// its outputs in registers over those R. R = 1 reads w strictly in order, which the hardware prefetcher
-// follows best: for a weight read from memory (over kStreamedBytes) it was 1.1x (384 x 1024) to 2.5x
-// (384 x 128) faster than R = 8 on one core (Zen 4, float32). A smaller weight is likely in cache, where the loads
-// and stores of the outputs, once per multiply-add at R = 1, cost more, and R = 8 reads and writes them
-// K/8 times. At R = 1 each vector of w also prefetches the one kAheadBytes further on into L2, which keeps
-// more reads from memory under way than the hardware prefetcher does (into L1, the prefetches' misses were
-// no faster): bundled large model's weights, 2 cores, from memory, 0.8-0.96x the time (gate and up projections
-// 0.8x; bfloat16 0.5x), in cache 0.9x.
-template <int64_t R, typename W>
-void StreamRowBlocks(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
-  for (int64_t kk = k0; kk < k1; kk += R) {
-    const int64_t rows = std::min(R, k1 - kk);
-    const W* __restrict w = p.w + kk * p.n;
-    for (int64_t r = 0; r < p.m; ++r) {
-      const float* x = p.x + r * p.k + kk;
-      float* __restrict y = out + r * p.n;
-      int64_t j = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-      if (rows == R) {
-        const int64_t ahead_rows = std::max<int64_t>(1, kAheadBytes / (p.n * int64_t{sizeof(W)}));
-        const bool ahead = R == 1 && r == 0 && kk + ahead_rows < k1;  // the first row of x brings w in
-        for (; j + kVector <= p.n; j += kVector) {
-          if (ahead) __builtin_prefetch(w + ahead_rows * p.n + j, 0, 2);
-          Vector sum = LoadOutputs(y + j);
-#pragma GCC unroll 8
-          for (int64_t i = 0; i < R; ++i) sum = Fma(Broadcast(x[i]), Load(w + i * p.n + j), sum);
-          Store(y + j, sum);
-        }
-      }
-#endif
-      for (; j < p.n; ++j)
-        for (int64_t i = 0; i < rows; ++i) y[j] = std::fma(x[i], Widen(w[i * p.n + j]), y[j]);
-    }
-  }
-}
-
-// out[M, N] = x[:, k0:k1] @ w[k0:k1, :], streamed (one or two rows), out zeroed first.
-template <typename W>
-void StreamRows(const Product<W>& p, int64_t k0, int64_t k1, float* __restrict out) {
-  std::memset(out, 0, p.m * p.n * sizeof(float));
-  if (p.k * p.n * int64_t{sizeof(W)} >= kStreamedBytes)
-    StreamRowBlocks<1>(p, k0, k1, out);
-  else
-    StreamRowBlocks<kRows>(p, k0, k1, out);
-}
-
-// Every product's sums: w's rows are split into `count` chunks of `rows` (a multiple of kRows), whatever
-// the number of rows of x; each output is fma(x_k, w_k, sum) over k in order from 0 within a chunk, and
-// the chunks' sums are added in chunk order. So a row's result never depends on the rows computed with it.
+// Every product's sums: w's rows are split into `count` chunks of `rows` (a multiple of kChunkUnit),
+// whatever the number of rows of x; each output is fma(x_k, w_k, sum) over k in order from 0 within a
+// chunk, and the chunks' sums are added in chunk order. So a row's result never depends on the rows
+// computed with it.
 struct RowChunks {
   int64_t count, rows;
 };
@@ -153,38 +104,32 @@ inline int64_t ChunkSize(int64_t total, int64_t count, int64_t unit) {
   return ((total + count - 1) / count + unit - 1) / unit * unit;
 }
 inline RowChunks SplitRows(ffi::ThreadPool& pool, int64_t k) {
-  const int64_t count = ChunkCount(pool, k / (4 * kRows));
-  return {count, ChunkSize(k, count, kRows)};
+  const int64_t count = ChunkCount(pool, k / (4 * kChunkUnit));
+  return {count, ChunkSize(k, count, kChunkUnit)};
 }
 
-// More rows (verification blocks) make the product compute-bound: a tile of MR rows x V vectors of outputs
-// stays in registers over a whole row chunk of w (`SplitRows`), so that each vector of w read feeds MR
-// multiply-adds and each output is stored once per chunk, the chunk's sum added to it there (a tile over
-// 16 rows of w at a time, with each chunk summed into a zeroed buffer and added in a pass of its own, spent
-// about a fifth of its time on those; one core, 11-12 rows, in cache: 36-45 GMAC/s then, 45-48 now, of the 56
-// it can do). Threads split a tiled product by columns (`TileWindow`), so that one thread's prefetches run on
-// through all of w's rows; within a chunk the row tiles of a tile's columns follow each other, so its rows of
-// w are still in L1 for the second. A tile's walk down the columns defeats the hardware prefetcher, so each of its steps
-// prefetches the same columns of the next chunk into L2: spread over the multiply-adds, the loads from memory
-// overlap them (a burst of prefetches at the start of each block stalled the loop until they were under way).
+// The rows of x in tiles of up to MR rows x V vectors of a panel's columns: a tile stays in registers over
+// a whole row chunk of the panel, so that each vector of w read feeds MR multiply-adds, and each output is
+// stored once per chunk, the chunk's sum added to it there. A panel's chunk is one contiguous block of
+// memory: the hardware prefetcher streams it (the same weights as [K, N] rows, walked a window of columns at
+// a time, read from memory at about half the speed: `experiments/weight_walk.cc`), and the row tiles after
+// the first find it in L1. One row of x is the same code at MR = 1: its outputs stay in registers too, where
+// streaming [K, N] rows loaded and stored them for every row of w (one core, bfloat16, in cache: 0.65-0.7x
+// the time).
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <int64_t MR, int64_t V, typename W>
-void TileChunk(const Product<W>& p, int64_t r0, int64_t k0, int64_t rows, int64_t j, bool first,
-               int64_t ahead_rows) {
-  const W* __restrict w = p.w + k0 * p.ld + j;
+void TileChunk(const Product<W>& p, const W* __restrict panel, int64_t width, int64_t r0, int64_t k0,
+               int64_t rows, int64_t j, bool first) {
+  const W* __restrict w = panel + k0 * width + j;
   const float* x = p.x + r0 * p.k + k0;
-  float* __restrict y = p.y + r0 * p.ld + j;
+  float* __restrict y = p.y + r0 * p.n + j;
   Vector sum[MR][V];
   for (int64_t r = 0; r < MR; ++r)
     for (int64_t v = 0; v < V; ++v) sum[r][v] = Broadcast(0.0f);
 #pragma GCC unroll 4
   for (int64_t i = 0; i < rows; ++i) {
-    if (i < ahead_rows) {
-      const char* line = reinterpret_cast<const char*>(w + (rows + i) * p.ld);
-      for (int64_t byte = 0; byte < V * kVector * int64_t{sizeof(W)}; byte += 64) __builtin_prefetch(line + byte, 0, 2);
-    }
     Vector wv[V];
-    for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * p.ld + v * kVector);
+    for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * width + v * kVector);
     for (int64_t r = 0; r < MR; ++r) {
       const Vector xr = Broadcast(x[r * p.k + i]);
       for (int64_t v = 0; v < V; ++v) sum[r][v] = Fma(xr, wv[v], sum[r][v]);
@@ -192,53 +137,50 @@ void TileChunk(const Product<W>& p, int64_t r0, int64_t k0, int64_t rows, int64_
   }
   for (int64_t r = 0; r < MR; ++r)
     for (int64_t v = 0; v < V; ++v) {
-      float* out = y + r * p.ld + v * kVector;
+      float* out = y + r * p.n + v * kVector;
       Store(out, first ? sum[r][v] : Add(LoadOutputs(out), sum[r][v]));
     }
 }
 
-// The chunk of rows k0 .. k0 + rows of w for every row of x, in tiles of V vectors of columns from j on;
-// returns the first column left. The first row tile prefetches the next chunk's `ahead_rows` rows.
+// Columns j .. j + V vectors of a panel (y's columns from `column` on), every row tile in turn.
 template <int64_t V, typename W>
-int64_t TileColumns(const Product<W>& p, int64_t k0, int64_t rows, int64_t j, bool first, int64_t ahead_rows) {
-  for (; j + V * kVector <= p.n; j += V * kVector)
-    for (int64_t r0 = 0; r0 < p.m; r0 += kTileRows) {
-      const int64_t ahead = r0 == 0 ? ahead_rows : 0;
-      switch (std::min(kTileRows, p.m - r0)) {
-        case 1: TileChunk<1, V>(p, r0, k0, rows, j, first, ahead); break;
-        case 2: TileChunk<2, V>(p, r0, k0, rows, j, first, ahead); break;
-        case 3: TileChunk<3, V>(p, r0, k0, rows, j, first, ahead); break;
-        case 4: TileChunk<4, V>(p, r0, k0, rows, j, first, ahead); break;
-        case 5: TileChunk<5, V>(p, r0, k0, rows, j, first, ahead); break;
-        default: TileChunk<kTileRows, V>(p, r0, k0, rows, j, first, ahead); break;
-      }
+void TileRows(const Product<W>& p, const W* panel, int64_t width, int64_t column, int64_t k0, int64_t rows,
+              int64_t j, bool first) {
+  Product<W> at = p;
+  at.y += column;
+  for (int64_t r0 = 0; r0 < p.m; r0 += kTileRows) {
+    switch (std::min(kTileRows, p.m - r0)) {
+      case 1: TileChunk<1, V>(at, panel, width, r0, k0, rows, j, first); break;
+      case 2: TileChunk<2, V>(at, panel, width, r0, k0, rows, j, first); break;
+      case 3: TileChunk<3, V>(at, panel, width, r0, k0, rows, j, first); break;
+      case 4: TileChunk<4, V>(at, panel, width, r0, k0, rows, j, first); break;
+      case 5: TileChunk<5, V>(at, panel, width, r0, k0, rows, j, first); break;
+      default: TileChunk<kTileRows, V>(at, panel, width, r0, k0, rows, j, first); break;
     }
-  return j;
+  }
 }
 #endif
 
-// y[:, n0:n1] of a tiled product, summed as `SplitRows` says: one thread walks all of w's rows for these
-// columns, chunk by chunk, each chunk's sum stored (the first) or added to y.
+// y[:, the panel's columns] for panel `panel` of w, summed as `SplitRows` says: chunk by chunk, each
+// chunk's sum stored (the first) or added to y.
 template <typename W>
-void TileWindow(const Product<W>& p, RowChunks split, int64_t n0, int64_t n1) {
-  Product<W> window = p;
-  window.w += n0;
-  window.y += n0;
-  window.n = n1 - n0;
+void PanelProduct(const Product<W>& p, RowChunks split, int64_t panel) {
+  const int64_t width = bild::PanelWidth(p.n, panel), column = panel * bild::kPanelColumns;
+  const W* w = p.w + bild::PanelOffset(p.k, panel);
   for (int64_t c = 0; c < split.count; ++c) {
     const int64_t k0 = std::min(p.k, c * split.rows), rows = std::min(p.k, k0 + split.rows) - k0;
     const bool first = c == 0;
     int64_t j = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-    const int64_t ahead_rows = std::min(rows, p.k - k0 - rows);
-    j = TileColumns<kTileVectors>(window, k0, rows, j, first, ahead_rows);
-    j = TileColumns<1>(window, k0, rows, j, first, ahead_rows);
+    for (; j + kTileVectors * kVector <= width; j += kTileVectors * kVector)
+      TileRows<kTileVectors>(p, w, width, column, k0, rows, j, first);
+    for (; j + kVector <= width; j += kVector) TileRows<1>(p, w, width, column, k0, rows, j, first);
 #endif
-    for (; j < window.n; ++j)
+    for (; j < width; ++j)
       for (int64_t r = 0; r < p.m; ++r) {
         float sum = 0.0f;
-        for (int64_t i = 0; i < rows; ++i) sum = std::fma(p.x[r * p.k + k0 + i], Widen(window.w[(k0 + i) * p.ld + j]), sum);
-        float* out = window.y + r * p.ld + j;
+        for (int64_t i = 0; i < rows; ++i) sum = std::fma(p.x[r * p.k + k0 + i], Widen(w[(k0 + i) * width + j]), sum);
+        float* out = p.y + r * p.n + column + j;
         *out = first ? sum : *out + sum;
       }
   }
@@ -372,69 +314,25 @@ ffi::Error Shapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<T>& w, bool 
   int64_t m = 1;
   for (size_t i = 0; i + 1 < xd.size(); ++i) m *= xd[i];
   const int64_t n = transposed ? wd[0] : wd[1];
-  *p = {x.typed_data(), w.typed_data(), nullptr, m, xd.back(), n, n};
+  *p = {x.typed_data(), w.typed_data(), nullptr, m, xd.back(), n};
   return ffi::Error::Success();
 }
 
 // The products of one row block with every weight of a group, in one pass of the threads over all of
-// their tasks: a decode step's query/key/value (or gate/up) projections cost one call, not three, and a
-// helper thread that finishes one weight's tasks goes on with the next weight's. Each weight is summed as
+// their panels: a decode step's query/key/value (or gate/up) projections cost one call, not three, and a
+// helper thread that finishes one weight's panels goes on with the next weight's. Each weight is summed as
 // `SplitRows` says, as if it were alone, so a product's sums do not depend on the group it is computed in.
-// One or two rows: a task is a row chunk, streamed into its own partial (chunk 0 straight into y), the
-// partials added at the end. More rows: a task is a window of kTileVectors-vector columns (`TileWindow`).
 template <typename W>
 void Products(ffi::ThreadPool& pool, const std::vector<Product<W>>& products) {
-  struct Tasks {
-    int64_t first, count;
-    RowChunks split;
-    int64_t columns;  // per task of a tiled product, else 0
-    float* partials;  // (split.count - 1) [M, N] partials of a streamed product
-  };
-  constexpr int64_t kWindow = kTileVectors * (kVector > 0 ? kVector : 16);
-  std::vector<Tasks> tasks;
-  int64_t total = 0;
-  size_t partial_floats = 0;
-  for (const Product<W>& p : products) {
-    const RowChunks split = SplitRows(pool, p.k);
-    if (p.m > kSequentialRows) {
-      const int64_t count = ChunkCount(pool, p.n / kWindow);
-      tasks.push_back({total, count, split, ChunkSize(p.n, count, kWindow), nullptr});
-      total += count;
-    } else {
-      tasks.push_back({total, split.count, split, 0, nullptr});
-      total += split.count;
-      partial_floats += (split.count - 1) * p.m * p.n;
-    }
-  }
-  std::vector<float> partials(partial_floats);
-  for (size_t i = 0, offset = 0; i < products.size(); ++i) {
-    if (tasks[i].columns > 0) continue;
-    tasks[i].partials = partials.data() + offset;
-    offset += (tasks[i].count - 1) * products[i].m * products[i].n;
-  }
-  InChunks(pool, total, [&](int64_t task) {
+  std::vector<int64_t> first_task(products.size() + 1, 0);
+  for (size_t i = 0; i < products.size(); ++i) first_task[i + 1] = first_task[i] + bild::PanelCount(products[i].n);
+  std::vector<RowChunks> splits;
+  for (const Product<W>& p : products) splits.push_back(SplitRows(pool, p.k));
+  InChunks(pool, first_task.back(), [&](int64_t task) {
     size_t i = 0;
-    while (task >= tasks[i].first + tasks[i].count) ++i;
-    const Product<W>& p = products[i];
-    const Tasks& t = tasks[i];
-    const int64_t c = task - t.first;
-    if (t.columns > 0) {
-      const int64_t n0 = std::min(p.n, c * t.columns);
-      if (n0 < p.n) TileWindow(p, t.split, n0, std::min(p.n, n0 + t.columns));
-      return;
-    }
-    const int64_t k0 = std::min(p.k, c * t.split.rows);
-    StreamRows(p, k0, std::min(p.k, k0 + t.split.rows), c == 0 ? p.y : t.partials + (c - 1) * p.m * p.n);
+    while (task >= first_task[i + 1]) ++i;
+    PanelProduct(products[i], splits[i], task - first_task[i]);
   });
-  for (size_t i = 0; i < products.size(); ++i) {
-    const Product<W>& p = products[i];
-    if (tasks[i].columns > 0) continue;
-    const int64_t size = p.m * p.n;
-    for (int64_t c = 1; c < tasks[i].count; ++c) {
-      const float* __restrict part = tasks[i].partials + (c - 1) * size;
-      for (int64_t j = 0; j < size; ++j) p.y[j] += part[j];
-    }
-  }
 }
 
 // ys[i][..., N_i] = x[..., K] @ ws[i][K, N_i] for a group of weights of one dtype, float32 or bfloat16.
