@@ -40,7 +40,7 @@ from bild_jax.errors import InputError
 from bild_jax.evaluation import run_systems
 from bild_jax.generate import GenerateOutput, greedy_generate, prepare_inputs
 from bild_jax.hub import BUNDLED_PREFIX, load_model
-from bild_jax.model import Model, for_decode_loop
+from bild_jax.model import Model, for_decode_loop, with_panels
 from bild_jax.models.llama import LlamaConfig
 from bild_jax.prompts import decoder_capacity, prefill
 from bild_jax.schedule import BatchSchedule, resolve
@@ -263,7 +263,8 @@ def in_turns(small: Model, large: Model, input_ids, max_new_tokens: int) -> Gene
     """`_in_turns` on a batch of prompts (ragged lists of ids): what running the two models in turns costs
     with no BiLD loop, the part of the loop overhead factor that no change to the loop can remove."""
     (large, small), prompts, prompt_lengths = prepare_inputs((large, small), input_ids, max_new_tokens, None, None)
-    return _in_turns(small, large, prompts, prompt_lengths, max_new_tokens=int(max_new_tokens))
+    return _in_turns(with_panels(small), with_panels(large), prompts, prompt_lengths,
+                     max_new_tokens=int(max_new_tokens))
 
 
 @dataclasses.dataclass

@@ -44,7 +44,7 @@ from bild_jax.cache import KVBlock
 from bild_jax.errors import InputError
 from bild_jax.generate import output_pad_id, prepare_inputs, sample_decode_jit
 from bild_jax.memory import check_bild_fits
-from bild_jax.model import Model, for_decode_loop
+from bild_jax.model import Model, for_decode_loop, with_panels
 from bild_jax.prompts import decoder_capacity, eos_array, is_eos, prefill
 from bild_jax.rows import set_at, take_at, take_block
 from bild_jax.sampling import DRAFT, TOKEN, SamplingParams, check_rng, check_sampling, process_logits, row_keys, sample
@@ -532,6 +532,7 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
                                                              attention_mask, mesh)
     check_bild_fits(small, large, prompts, cache_capacities(small, large, prompts.shape[1], config.max_new_tokens,
                                                             config.max_draft), config.max_new_tokens, config.max_draft)
+    small, large = with_panels(small), with_panels(large)
     schedule = resolve(config.schedule, len(prompts))
     eos_ids = eos_array(large, config.eos_token_id)
     policy = BiLDPolicy.from_config(config, eos_ids, len(prompts))

@@ -8,11 +8,12 @@ the same whatever rows share the call: the logits of a verification block equal 
 The kernel reads a Dense kernel panel-major (`native/panels.h`: blocks of 64 columns, each read from start
 to end, so the weight is one sequential read and a panel's outputs stay in registers): the CPU decode loop
 holds such kernels as `PanelKernel`s (`panel_kernel`, `model.with_panels`), which keep the [K, N] kernel
-too for XLA's dot. It takes the products that are worth it and leaves the rest to XLA, decided at trace time
-from static shapes: float32 rows times a panel-major float32 or bfloat16 kernel (widened exactly as it is read, so a bfloat16 model
-reads half the bytes of its float32 copy and gets the same sums), a weight (or a group of weights read with
-one input, `dense_products`) of at least `MIN_WEIGHT_BYTES` as float32 (smaller ones sit in cache, where
-XLA's dot is as fast; a bfloat16 weight counts as the float32 copy XLA's dot would read), at most
+too for XLA's dot. It takes the products that are worth it and leaves the rest to XLA, decided at trace
+time from static shapes: float32 rows times a panel-major float32 or bfloat16 kernel (widened exactly as it
+is read, so a bfloat16 model reads half the bytes of its float32 copy and gets the same sums), a weight
+(or a group of weights read with one input, `dense_products`) of at least `MIN_WEIGHT_BYTES` as float32
+(smaller ones sit in cache, where XLA's dot is as fast; a bfloat16 weight counts as the float32 copy XLA's
+dot would read), at most
 `MAX_ROWS` rows (a decode step, a verification block, or a prompt pass of up to 64 tokens: its tiles are as
 fast as XLA's dot up to about 128 rows, 0.8-1.0x the time at 32-64, and slower past that; long prompts
 and training batches go to XLA), one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner

@@ -117,7 +117,7 @@ def greedy_generate(model: Model, input_ids, max_new_tokens: int, attention_mask
     """
     (model,), prompts, prompt_lengths = prepare_inputs((model,), input_ids, max_new_tokens, attention_mask, mesh)
     check_generate_fits(model, prompts, int(max_new_tokens))
-    return _greedy_decode_jit(model, prompts, prompt_lengths,
+    return _greedy_decode_jit(with_panels(model), prompts, prompt_lengths,
                               eos_array(model, eos_token_id), max_new_tokens=int(max_new_tokens),
                               pad_token_id=output_pad_id(model))
 
@@ -138,22 +138,22 @@ def sample_generate(model: Model, input_ids, max_new_tokens: int, rng: jax.Array
     (model,), prompts, prompt_lengths = prepare_inputs((model,), input_ids, max_new_tokens, attention_mask, mesh)
     check_generate_fits(model, prompts, int(max_new_tokens))
     keys = row_keys(rng, len(prompts))
-    return sample_decode_jit(model, prompts, prompt_lengths, eos_array(model, eos_token_id), params, keys,
-                              max_new_tokens=int(max_new_tokens), pad_token_id=output_pad_id(model))
+    return sample_decode_jit(with_panels(model), prompts, prompt_lengths, eos_array(model, eos_token_id), params,
+                             keys, max_new_tokens=int(max_new_tokens), pad_token_id=output_pad_id(model))
 
 
 def prepare_inputs(models: Sequence[Model], input_ids, max_new_tokens: int, attention_mask, mesh
                    ) -> tuple[tuple[Model, ...], jax.Array, jax.Array]:
     """Checked input of every generate entry point: (models, prompts [B, T] int32, prompt_lengths [B] int32),
-    placed on the mesh, each model with its panel-major kernels made once (`with_panels`). The first model
-    lays out the batch; every model must fit prompt + new tokens."""
+    placed on the mesh. The first model lays out the batch; every model must fit prompt + new tokens. Each
+    entry point then checks the memory a decode needs and gives its jit the models `with_panels`."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     prompts, prompt_lengths = prepare_prompts(input_ids, attention_mask, models[0].vocab_size)
     for model in models:
         check_positions(model, int(prompt_lengths.max()), int(max_new_tokens))
     models, (prompts, prompt_lengths) = distribute(mesh, models, (prompts, prompt_lengths))
-    return tuple(with_panels(model) for model in models), prompts, prompt_lengths
+    return models, prompts, prompt_lengths
 
 
 def output_pad_id(model: Model) -> int:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bild_jax.errors import InputError
-from bild_jax.model import Model, decode_loop_dtype, loop_copy_bytes
+from bild_jax.model import Model, decode_loop_dtype, loop_copy_bytes, panel_copy_bytes
 from bild_jax.prompts import decoder_capacity
 
 
@@ -44,6 +44,8 @@ def model_needs(model: Model, name: str, batch: int, prompt_width: int, capacity
     held = [Need(f"{model_name}'s cache ({capacity} slots per row)", "max_new_tokens", cache)]
     if loop_weights:
         held.append(Need(f"{model_name}'s float32 weights for the CPU loop", "the model size", loop_weights))
+    if panels := panel_copy_bytes(model):
+        held.append(Need(f"{model_name}'s panel-major kernels for the CPU loop", "the model size", panels))
     transient = [Need(f"{model_name}'s prompt pass", "the prompt length", prompt_pass),
                  Need(f"{model_name}'s {block_width}-token pass", block_setting or "max_new_tokens", block_pass)]
     return held, transient

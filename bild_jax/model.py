@@ -146,6 +146,15 @@ def with_panels(model: Model) -> Model:
     return packed
 
 
+def panel_copy_bytes(model: Model) -> int:
+    """Bytes of the panel-major copies `with_panels(model)` makes (0 where it has made them already)."""
+    if id(model) in _WITH_PANELS:
+        return 0
+    leaves = jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_panel_kernel)
+    return sum(param.nbytes for path, param in leaves
+               if getattr(path[-1], "key", None) == "kernel" and cpu_matmul.packable(param))
+
+
 # id(model) -> `with_panels(model)`, for the models alive (a finalizer drops each entry).
 _WITH_PANELS: dict[int, Model] = {}
 

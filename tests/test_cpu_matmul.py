@@ -279,3 +279,21 @@ def test_models_decode_through_the_kernel(every_weight_native, bild_pair, kind):
         out = bild_generate(small, large, [row], config)
         greedy = bild_jax.greedy_generate(large, [row], max_new_tokens=12, eos_token_id=[])
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
+
+
+def test_panel_copies_are_made_once_per_model_and_counted_as_memory(bild_pair):
+    """The generate functions pack a model's Dense kernels once (kept while the model lives), and the memory
+    check counts the copy before it is made."""
+    from bild_jax import memory
+    from bild_jax.model import panel_copy_bytes
+
+    model = bild_pair("llama")[1].replace()  # a model object no earlier test packed
+    kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(model.params) if path[-1].key == "kernel"]
+    assert panel_copy_bytes(model) == sum(k.nbytes for k in kernels) > 0
+    held, _ = memory.model_needs(model, "large", batch=1, prompt_width=4, capacity=16, block_width=1, block_setting="")
+    assert [need.nbytes for need in held if "panel-major" in need.what] == [panel_copy_bytes(model)]
+    packed = with_panels(model)
+    assert with_panels(model) is packed and panel_copy_bytes(model) == 0
+    again = with_panels(packed)  # already packed: the same arrays
+    leaves = zip(jax.tree_util.tree_leaves(again.params), jax.tree_util.tree_leaves(packed.params))
+    assert all(a is b for a, b in leaves)

@@ -12,7 +12,6 @@
 // x and y are float32; w is float32 or bfloat16 (widened exactly to float32 as it is read: half the bytes
 // of a float32 copy, and the same sums).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
