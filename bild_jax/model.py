@@ -106,8 +106,9 @@ def for_decode_loop(model: Model, rows: int) -> Model:
     dot, and inside a `lax.while_loop` it does so again on every step (the loop-invariant conversion is not
     hoisted), reading 22 MB and writing 44 MB per token for the bundled large model. On CPU the params are
     converted once per call here, so that the loop runs float32 activations, except the bfloat16 weights
-    that bild-jax's native kernel reads in every step (`cpu_matmul.native_reads`): it widens them as it
-    reads, so they stay as they are, half the bytes of a float32 copy for the same sums. On GPUs and TPUs,
+    that bild-jax's native kernel reads (`cpu_matmul.native_reads`: with the kernels built, every Dense
+    kernel and output table): they stay as they are, half the bytes of a float32 copy, and their products
+    take the rows rounded to bfloat16 (`cpu_matmul.bfloat16_rows`). On GPUs and TPUs,
     which compute in half precision natively, the model is returned unchanged.
 
     Then the Dense kernels get their panel-major copies for the native kernel (`with_panels`), unless they

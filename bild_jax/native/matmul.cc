@@ -1,5 +1,5 @@
-// float32 products for the rows of decode steps, verification blocks and short prompt passes, reading the
-// weights once with every core.
+// Products for the rows of decode steps, verification blocks and short prompt passes, reading the weights
+// once with every core.
 //
 // XLA:CPU runs a matrix-vector product on one core, which reads memory at about half the machine's
 // bandwidth; a decode step is a chain of such products. Both kernels split the work into tasks that the
@@ -9,8 +9,11 @@
 //
 //   bild_matmul:            y[M, N] = x[M, K] @ w[K, N]   (Dense kernels, panel-major: `panels.h`)
 //   bild_matmul_transposed: y[M, N] = x[M, K] @ w[N, K]^T (tied embedding tables used as the output layer)
-// x and y are float32; w is float32 or bfloat16 (widened exactly to float32 as it is read: half the bytes
-// of a float32 copy, and the same sums).
+// x and y are float32; w is float32 or bfloat16. A bfloat16 weight takes x rounded to bfloat16 (to nearest
+// even, as `jnp.astype` rounds): the products of llama.cpp's and HF's bfloat16 models, every product of two
+// bfloat16 values exact in float32 and summed in float32. Where the CPU has AVX512-BF16 one vdpbf16ps then
+// does 32 multiply-adds, twice a float32 FMA's 16 (and reads no float32 copy of the weights); elsewhere the
+// rounded rows are widened back and multiplied as float32.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,8 +35,13 @@ namespace {
 using bild::ChunkCount;
 using bild::InChunks;
 
-constexpr int64_t kChunkUnit = 8;  // row chunks of w are multiples of this many rows
+constexpr int64_t kChunkUnit = 8;  // row chunks of w are multiples of this many rows (so of whole pairs)
 constexpr int64_t kTransposedRows = 4, kTransposedColumns = 4;  // output tile of a transposed product
+#if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;  // bfloat16 weights meet bfloat16 rows in vdpbf16ps
+#else
+constexpr bool kDotBf16 = false;
+#endif
 
 inline float Widen(float w) { return w; }
 inline float Widen(uint16_t w) {  // bfloat16 is the top half of a float32
@@ -42,21 +50,67 @@ inline float Widen(uint16_t w) {  // bfloat16 is the top half of a float32
   std::memcpy(&value, &bits, sizeof value);
   return value;
 }
+// float32 -> bfloat16, to nearest even (NaN stays a NaN).
+inline uint16_t RoundToBf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+}
+
+// The rows a product with weights of type W reads: x itself for float32 weights; for bfloat16 ones x rounded
+// to bfloat16 (`RoundedRows`), kept so for vdpbf16ps, else widened back to float32.
+template <typename W>
+using RowsOf = std::conditional_t<std::is_same_v<W, uint16_t> && kDotBf16, uint16_t, float>;
 
 template <typename W>
 struct Product {
-  const float* x;
+  const RowsOf<W>* x;
   const W* w;
   float* y;
   int64_t m, k, n;
+  int64_t ldx;  // row stride of x: K, or K + K % 2 for rounded rows (a zero after an odd last value)
 };
 
+inline float RowValue(float x) { return x; }
+inline float RowValue(uint16_t x) { return Widen(x); }
+
+// x[M, K] rounded to bfloat16 for a bfloat16 weight, as RowsOf<uint16_t>, rows of K + K % 2 (zero padded).
+template <typename R>
+std::vector<R> RoundedRows(const float* x, int64_t m, int64_t k) {
+  const int64_t ld = k + k % 2;
+  std::vector<R> rows(m * ld, R{0});
+  for (int64_t r = 0; r < m; ++r) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= k; i += 16) {  // RoundToBf16, 16 at a time
+      const __m512i bits = _mm512_loadu_si512(x + r * k + i);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                    _mm512_set1_epi32(0x7f800000));
+      rounded = _mm512_srli_epi32(_mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000))), 16);
+      if constexpr (std::is_same_v<R, uint16_t>) _mm256_storeu_si256(reinterpret_cast<__m256i*>(&rows[r * ld + i]), _mm512_cvtepi32_epi16(rounded));
+      else _mm512_storeu_si512(&rows[r * ld + i], _mm512_slli_epi32(rounded, 16));
+    }
+#endif
+    for (; i < k; ++i) {
+      const uint16_t rounded = RoundToBf16(x[r * k + i]);
+      if constexpr (std::is_same_v<R, uint16_t>) rows[r * ld + i] = rounded;
+      else rows[r * ld + i] = Widen(rounded);
+    }
+  }
+  return rows;
+}
+
 // Every output of out[M, N] = x[:, k0:k1] @ w[k0:k1, :] is the same sum, out = fma(x_k, w_k, out) for
-// k = k0, k0 + 1, ..., k1 - 1 from 0, in the vector loop and the scalar one alike. Explicit AVX-512 or AVX2
-// code (GCC's own vectorization of the scalar loop was slower, about 5% per step); the scalar loop computes
-// the same fused multiply-adds on other CPUs and for the last columns.
+// k = k0, k0 + 1, ..., k1 - 1 from 0 (bfloat16 pairs with vdpbf16ps: one step per pair), in the vector loop
+// and the scalar one alike. Explicit AVX-512 or AVX2 code (GCC's own vectorization of the scalar loop was
+// slower, about 5% per step); the scalar loop computes the same fused multiply-adds on other CPUs and for the
+// last columns.
 #if defined(__AVX512F__)
 using Vector = __m512;  // 16 lanes
+using Integers = __m512i;
 constexpr int64_t kVector = 16;
 constexpr int64_t kTileRows = 6, kTileVectors = 4;  // 24 of the 32 vector registers hold outputs
 constexpr int64_t kLanes = kVector;  // partial sums of a transposed dot product, added in a fixed order
@@ -65,6 +119,9 @@ inline Vector Load(const uint16_t* w) {  // bfloat16 widened
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+inline Integers LoadPairs(const uint16_t* w) { return _mm512_loadu_si512(w); }  // kVector columns' pairs
+inline Vector Even(Integers pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+inline Vector Odd(Integers pairs) { return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(-65536))); }
 inline Vector Broadcast(float x) { return _mm512_set1_ps(x); }
 inline Vector Fma(Vector a, Vector b, Vector c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vector Add(Vector a, Vector b) { return _mm512_add_ps(a, b); }
@@ -72,6 +129,7 @@ inline Vector LoadOutputs(const float* y) { return _mm512_loadu_ps(y); }
 inline void Store(float* y, Vector v) { _mm512_storeu_ps(y, v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vector = __m256;  // 8 lanes
+using Integers = __m256i;
 constexpr int64_t kVector = 8;
 constexpr int64_t kTileRows = 4, kTileVectors = 2;  // 8 of the 16 vector registers hold outputs
 constexpr int64_t kLanes = kVector;  // partial sums of a transposed dot product, added in a fixed order
@@ -80,6 +138,9 @@ inline Vector Load(const uint16_t* w) {  // bfloat16 widened
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+inline Integers LoadPairs(const uint16_t* w) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)); }
+inline Vector Even(Integers pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
+inline Vector Odd(Integers pairs) { return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(-65536))); }
 inline Vector Broadcast(float x) { return _mm256_set1_ps(x); }
 inline Vector Fma(Vector a, Vector b, Vector c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vector Add(Vector a, Vector b) { return _mm256_add_ps(a, b); }
@@ -114,24 +175,45 @@ inline RowChunks SplitRows(ffi::ThreadPool& pool, int64_t k) {
 // a time, read from memory at about half the speed: `experiments/weight_walk.cc`), and the row tiles after
 // the first find it in L1. One row of x is the same code at MR = 1: its outputs stay in registers too, where
 // streaming [K, N] rows loaded and stored them for every row of w (one core, bfloat16, in cache: 0.65-0.7x
-// the time).
+// the time). A bfloat16 panel goes a pair of rows per step: one vdpbf16ps per vector (bundled large model's
+// shapes, one core: 1.5x the float32 FMAs' speed for one row, 2x for 4 to 64), or each pair widened.
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <int64_t MR, int64_t V, typename W>
 void TileChunk(const Product<W>& p, const W* __restrict panel, int64_t width, int64_t r0, int64_t k0,
                int64_t rows, int64_t j, bool first) {
-  const W* __restrict w = panel + k0 * width + j;
-  const float* x = p.x + r0 * p.k + k0;
+  constexpr bool pairs = std::is_same_v<W, uint16_t>;
+  const W* __restrict w = panel + bild::PanelIndex(k0, j, width, pairs);
+  const RowsOf<W>* x = p.x + r0 * p.ldx + k0;
   float* __restrict y = p.y + r0 * p.n + j;
   Vector sum[MR][V];
   for (int64_t r = 0; r < MR; ++r)
     for (int64_t v = 0; v < V; ++v) sum[r][v] = Broadcast(0.0f);
+  if constexpr (!pairs) {
 #pragma GCC unroll 4
-  for (int64_t i = 0; i < rows; ++i) {
-    Vector wv[V];
-    for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * width + v * kVector);
-    for (int64_t r = 0; r < MR; ++r) {
-      const Vector xr = Broadcast(x[r * p.k + i]);
-      for (int64_t v = 0; v < V; ++v) sum[r][v] = Fma(xr, wv[v], sum[r][v]);
+    for (int64_t i = 0; i < rows; ++i) {
+      Vector wv[V];
+      for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * width + v * kVector);
+      for (int64_t r = 0; r < MR; ++r) {
+        const Vector xr = Broadcast(x[r * p.ldx + i]);
+        for (int64_t v = 0; v < V; ++v) sum[r][v] = Fma(xr, wv[v], sum[r][v]);
+      }
+    }
+  } else {
+#pragma GCC unroll 2
+    for (int64_t i = 0; i < rows; i += 2) {  // an odd last row pairs with the zero row after it
+      Integers wv[V];
+      for (int64_t v = 0; v < V; ++v) wv[v] = LoadPairs(w + i * width + 2 * v * kVector);
+      for (int64_t r = 0; r < MR; ++r) {
+#if defined(__AVX512BF16__)
+        int32_t pair;
+        std::memcpy(&pair, x + r * p.ldx + i, sizeof pair);
+        const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
+        for (int64_t v = 0; v < V; ++v) sum[r][v] = _mm512_dpbf16_ps(sum[r][v], xr, (__m512bh)wv[v]);
+#else
+        const Vector even = Broadcast(x[r * p.ldx + i]), odd = Broadcast(x[r * p.ldx + i + 1]);
+        for (int64_t v = 0; v < V; ++v) sum[r][v] = Fma(odd, Odd(wv[v]), Fma(even, Even(wv[v]), sum[r][v]));
+#endif
+      }
     }
   }
   for (int64_t r = 0; r < MR; ++r)
@@ -164,8 +246,9 @@ void TileRows(const Product<W>& p, const W* panel, int64_t width, int64_t column
 // chunk's sum stored (the first) or added to y.
 template <typename W>
 void PanelProduct(const Product<W>& p, RowChunks split, int64_t panel) {
+  constexpr bool pairs = std::is_same_v<W, uint16_t>;
   const int64_t width = bild::PanelWidth(p.n, panel), column = panel * bild::kPanelColumns;
-  const W* w = p.w + bild::PanelOffset(p.k, panel);
+  const W* w = p.w + bild::PanelOffset(bild::PanelRows(p.k, sizeof(W)), panel);
   for (int64_t c = 0; c < split.count; ++c) {
     const int64_t k0 = std::min(p.k, c * split.rows), rows = std::min(p.k, k0 + split.rows) - k0;
     const bool first = c == 0;
@@ -178,7 +261,8 @@ void PanelProduct(const Product<W>& p, RowChunks split, int64_t panel) {
     for (; j < width; ++j)
       for (int64_t r = 0; r < p.m; ++r) {
         float sum = 0.0f;
-        for (int64_t i = 0; i < rows; ++i) sum = std::fma(p.x[r * p.k + k0 + i], Widen(w[(k0 + i) * width + j]), sum);
+        for (int64_t i = k0; i < k0 + rows; ++i)
+          sum = std::fma(RowValue(p.x[r * p.ldx + i]), Widen(w[bild::PanelIndex(i, j, width, pairs)]), sum);
         float* out = p.y + r * p.n + column + j;
         *out = first ? sum : *out + sum;
       }
@@ -214,11 +298,13 @@ inline void Transpose16(__m512 v[16]) {
 #endif
 
 // y[r0:r0 + RR, c0:c0 + CR] of y = x @ w^T: each output a dot product of length K in kLanes partial sums
-// (lane l takes d = l, l + kLanes, ...; multiply-adds fused), added in lane order. A tile of RR rows x CR
+// (lane l takes d = l, l + kLanes, ...; multiply-adds fused; with vdpbf16ps the pairs d = 2l, 2l + 1,
+// 2l + 2 kLanes, ...), added in lane order. A tile of RR rows x CR
 // columns of outputs loads each vector of w once for RR rows and each vector of x once for CR columns, so
 // that a verification block is not bound by loads; every tile shape gives an output the same sum.
 template <int64_t RR, int64_t CR, typename W>
 void TransposedTile(const Product<W>& p, int64_t r0, int64_t c0) {
+  constexpr int64_t per_lane = std::is_same_v<RowsOf<W>, uint16_t> ? 2 : 1;  // values a lane takes per step
   float lanes[RR][CR][kLanes];
   int64_t d = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -231,14 +317,27 @@ void TransposedTile(const Product<W>& p, int64_t r0, int64_t c0) {
   // into L2 more of them are under way at once than into L1 (float32 table from memory: 0.6-0.7x the time
   // of prefetching into L1; in cache, 1.1x).
   const bool ahead = r0 == 0 && c0 + 2 * CR <= p.n;  // the first row tile brings them in for the others
-  for (; d + kLanes <= p.k; d += kLanes) {
-    Vector wv[CR];
+  for (; d + per_lane * kLanes <= p.k; d += per_lane * kLanes) {
     if (ahead)
       for (int64_t c = 0; c < CR; ++c) __builtin_prefetch(p.w + (c0 + CR + c) * p.k + d, 0, 2);
-    for (int64_t c = 0; c < CR; ++c) wv[c] = Load(p.w + (c0 + c) * p.k + d);
-    for (int64_t r = 0; r < RR; ++r) {
-      const Vector xv = LoadOutputs(p.x + (r0 + r) * p.k + d);
-      for (int64_t c = 0; c < CR; ++c) sum[r][c] = Fma(xv, wv[c], sum[r][c]);
+#if defined(__AVX512BF16__)
+    if constexpr (per_lane == 2) {
+      __m512bh wv[CR];
+      for (int64_t c = 0; c < CR; ++c) wv[c] = (__m512bh)LoadPairs(p.w + (c0 + c) * p.k + d);
+      for (int64_t r = 0; r < RR; ++r) {
+        const __m512bh xv = (__m512bh)LoadPairs(p.x + (r0 + r) * p.ldx + d);
+        for (int64_t c = 0; c < CR; ++c) sum[r][c] = _mm512_dpbf16_ps(sum[r][c], xv, wv[c]);
+      }
+      continue;
+    }
+#endif
+    if constexpr (per_lane == 1) {
+      Vector wv[CR];
+      for (int64_t c = 0; c < CR; ++c) wv[c] = Load(p.w + (c0 + c) * p.k + d);
+      for (int64_t r = 0; r < RR; ++r) {
+        const Vector xv = LoadOutputs(p.x + (r0 + r) * p.ldx + d);
+        for (int64_t c = 0; c < CR; ++c) sum[r][c] = Fma(xv, wv[c], sum[r][c]);
+      }
     }
   }
 #if defined(__AVX512F__)
@@ -266,12 +365,13 @@ void TransposedTile(const Product<W>& p, int64_t r0, int64_t c0) {
     for (int64_t r = 0; r < RR; ++r)
       for (int64_t c = 0; c < CR; ++c)
         for (int64_t l = 0; l < kLanes; ++l)
-          lanes[r][c][l] = std::fma(p.x[(r0 + r) * p.k + d + l], Widen(p.w[(c0 + c) * p.k + d + l]), lanes[r][c][l]);
+          lanes[r][c][l] = std::fma(p.x[(r0 + r) * p.ldx + d + l], Widen(p.w[(c0 + c) * p.k + d + l]), lanes[r][c][l]);
 #endif
   for (int64_t r = 0; r < RR; ++r)
     for (int64_t c = 0; c < CR; ++c) {
-      for (int64_t l = 0; d + l < p.k; ++l)
-        lanes[r][c][l] = std::fma(p.x[(r0 + r) * p.k + d + l], Widen(p.w[(c0 + c) * p.k + d + l]), lanes[r][c][l]);
+      for (int64_t t = 0; d + t < p.k; ++t)
+        lanes[r][c][t / per_lane] = std::fma(RowValue(p.x[(r0 + r) * p.ldx + d + t]), Widen(p.w[(c0 + c) * p.k + d + t]),
+                                             lanes[r][c][t / per_lane]);
       float total = 0.0f;
       for (int64_t l = 0; l < kLanes; ++l) total += lanes[r][c][l];
       p.y[(r0 + r) * p.n + c0 + c] = total;
@@ -308,13 +408,27 @@ ffi::Error Shapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<T>& w, bool 
                   Product<ffi::NativeType<T>>* p) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (wd.size() != 2 || xd.size() < 1 || xd.back() != (transposed ? wd[1] : wd[0]))
-    return ffi::Error::InvalidArgument("bild_matmul: x [..., K] and w [K, N] (or [N, K] transposed) expected");
+  using W = ffi::NativeType<T>;
+  if (wd.size() != 2 || xd.size() < 1
+      || (transposed ? wd[1] : wd[0]) != (transposed ? xd.back() : bild::PanelRows(xd.back(), sizeof(W))))
+    return ffi::Error::InvalidArgument(
+        "bild_matmul: x [..., K] and w [PanelRows(K), N] panel-major (or [N, K] transposed) expected");
   int64_t m = 1;
   for (size_t i = 0; i + 1 < xd.size(); ++i) m *= xd[i];
   const int64_t n = transposed ? wd[0] : wd[1];
-  *p = {x.typed_data(), w.typed_data(), nullptr, m, xd.back(), n};
+  *p = {nullptr, w.typed_data(), nullptr, m, xd.back(), n, xd.back()};
+  if constexpr (std::is_same_v<W, float>) p->x = x.typed_data();
   return ffi::Error::Success();
+}
+
+// Points the products at the rows they read: x itself for float32 weights, else x rounded (kept in `rows`).
+template <typename W>
+void ReadRows(const ffi::Buffer<ffi::F32>& x, std::vector<RowsOf<W>>& rows, std::vector<Product<W>>& products) {
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    const Product<W>& p = products.front();
+    rows = RoundedRows<RowsOf<W>>(x.typed_data(), p.m, p.k);
+    for (Product<W>& q : products) q.x = rows.data(), q.ldx = p.k + p.k % 2;
+  }
 }
 
 // The products of one row block with every weight of a group, in one pass of the threads over all of
@@ -356,6 +470,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingA
       if (ffi::Error error = Shapes(x, *w, false, &products[i]); error.failure()) return error;
       products[i].y = (*y)->typed_data();
     }
+    std::vector<RowsOf<W>> rows;
+    ReadRows(x, rows, products);
     Products(pool, products);
     return ffi::Error::Success();
   };
@@ -365,8 +481,12 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingA
 template <ffi::DataType T>
 ffi::Error MatmulTransposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
                             ffi::ResultBuffer<ffi::F32> y) {
-  Product<ffi::NativeType<T>> p;
-  if (ffi::Error error = Shapes(x, w, true, &p); error.failure()) return error;
+  using W = ffi::NativeType<T>;
+  std::vector<Product<W>> products(1);
+  if (ffi::Error error = Shapes(x, w, true, &products[0]); error.failure()) return error;
+  std::vector<RowsOf<W>> rows;
+  ReadRows(x, rows, products);
+  Product<W>& p = products[0];
   p.y = y->typed_data();
   const int64_t chunks = ChunkCount(pool, p.n / 64);
   const int64_t cols = ChunkSize(p.n, chunks, 1);
