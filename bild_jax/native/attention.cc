@@ -1,4 +1,4 @@
-// Attention of a decode step or verification block over its cache, in float32.
+// Attention of a decode step, verification block or short prompt pass over its cache, in float32.
 //
 // XLA:CPU runs the two small batched products of a decode step's attention (scores, then the weighted sum of
 // values) as separate library calls whose fixed cost is most of their time: together about a sixth of a
