@@ -86,8 +86,8 @@ def dense_kernel(kernel):
 def dense_dot_general(lhs: jax.Array, rhs, dimension_numbers, precision=None,
                       preferred_element_type=None) -> jax.Array:
     """`lax.dot_general` for `nn.Dense(dot_general=...)`: x [..., K] @ kernel [K, N] through the native
-    kernel where `native_applies` (a `PanelKernel`), else XLA's dot (a bfloat16 kernel with float32 rows
-    widened first)."""
+    kernel where `native_applies` (a `PanelKernel`), else XLA's dot (a bfloat16 kernel meeting float32 rows:
+    `widened`)."""
     dense = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
     if (dense and preferred_element_type in (None, jnp.float32) and isinstance(rhs, PanelKernel)
             and native_applies(lhs, rhs)):

@@ -26,7 +26,8 @@ SOURCE_DIR = Path(__file__).parent / "native"
 # FFI target -> symbol of its handler in the library.
 TARGETS = {"bild_matmul": "BildMatmul", "bild_matmul_transposed": "BildMatmulTransposed",
            "bild_matmul_transposed_bf16": "BildMatmulTransposedBf16",
-           "bild_attention": "BildAttention", "bild_widen_after": "BildWidenAfter", "bild_panels": "BildPanels"}
+           "bild_attention": "BildAttention", "bild_widen_after": "BildWidenAfter", "bild_panels": "BildPanels",
+           "bild_lookup": "BildLookup"}
 
 
 def available() -> bool:

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bild_jax.cache import KVCache
+from bild_jax.cpu_lookup import lookup
 from bild_jax.errors import Unsupported
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
@@ -148,7 +149,10 @@ class GPT2LMHeadModel(nn.Module):
         # padding slots of a verification block may: clamp them, as an out-of-range row would read NaNs
         # that masked attention still multiplies (0 * NaN) into every later step.
         positions = jnp.minimum(positions, cfg.max_positions - 1)
-        h = wte(tokens) + nn.Embed(cfg.max_positions, cfg.n_embd, name="wpe")(positions)
+        # The CPU decode loop may keep a bfloat16 table for the output layer while it computes in the cache's
+        # float32 (FAMILY.output_table).
+        h = (wte(tokens) if cache is None else lookup(wte, tokens, cache.dtype)) + nn.Embed(
+            cfg.max_positions, cfg.n_embd, name="wpe")(positions)
         layer_keys, layer_values = [], []
         for i in range(cfg.n_layer):
             h, keys, values = GPT2Block(cfg, i, name=f"h_{i}")(h, mask, cache)

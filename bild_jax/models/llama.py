@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bild_jax.cache import KVCache
+from bild_jax.cpu_lookup import lookup
 from bild_jax.errors import Unsupported
 from bild_jax.models.layers import (Dense, DenseWeights, RMSNorm, activation, attend, attention, cached_keys_values,
                                     decoder_positions_and_mask, dense_group, kv_block, sliding_window_mask, softcap)
@@ -286,7 +287,7 @@ class LlamaForCausalLM(nn.Module):
                        if cfg.sliding_window is not None else None)
         # The CPU decode loop may keep a bfloat16 table for the output layer while it computes in the cache's
         # float32 (FAMILY.output_table).
-        h = embed(tokens) if cache is None else embed(tokens).astype(cache.dtype)
+        h = embed(tokens) if cache is None else lookup(embed, tokens, cache.dtype)
         if cfg.scale_embeddings:
             # HF rounds the scale to the weights' dtype first.
             h = h * jnp.asarray(cfg.hidden_size ** 0.5, h.dtype)
