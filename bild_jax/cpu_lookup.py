@@ -4,7 +4,7 @@
 The loop keeps a tied bfloat16 table for its output layer and computes in float32. XLA:CPU gathers bfloat16
 rows in float32, converting the table for it, and the loop's invariant code motion hoists that conversion of
 the whole table out of the loop: a float32 copy of the table made on every call (the bundled large model: 6
-MB, about 1 ms of a 35 ms call). The kernel gathers the rows themselves.
+MB, about 1 ms per call in a profile). The kernel gathers the rows themselves.
 """
 
 from __future__ import annotations

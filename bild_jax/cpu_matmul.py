@@ -19,9 +19,8 @@ one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner spli
 
 bfloat16 weights take their rows rounded to bfloat16 (`bfloat16_rows`), the arithmetic of llama.cpp's and
 HF's bfloat16 models: every product of two bfloat16 values is exact in float32 and summed in float32, and
-CPUs with AVX512-BF16 do twice the multiply-adds per instruction of float32 FMAs (no float32 copy of the
-weight is read either: a prompt pass of the bundled large model in bfloat16 costs half the time of its
-float32 one). XLA's dot, where it meets such a weight on the same terms (an unpacked kernel, T5's
+CPUs with AVX512-BF16 do twice the multiply-adds per instruction of float32 FMAs, with no widening (a C++
+harness of the bundled large model's shapes: 2x the widening tiles' speed for 4 to 64 rows, 1.5x for one). XLA's dot, where it meets such a weight on the same terms (an unpacked kernel, T5's
 cross-attention projections), rounds the rows too, so a model computes one function whichever path a
 product takes; without the native kernels (or on several devices) a bfloat16 weight is widened and meets
 float32 rows.
@@ -49,7 +48,8 @@ _TRANSPOSED_TARGETS = {"float32": "bild_matmul_transposed", "bfloat16": "bild_ma
 @struct.dataclass
 class PanelKernel:
     """A Dense kernel [K, N] as the CPU decode loop holds it: `dense` as it is (for XLA's dot) and `panels`,
-    the same values panel-major (`native/panels.h`; also shaped [K, N], same dtype) for the native kernel.
+    the same values panel-major (`native/panels.h`; same dtype, [K, N], or [K + K % 2, N] for bfloat16) for
+    the native kernel.
     Made by `panel_kernel`; flax's Dense takes it as its [K, N] kernel param."""
 
     dense: jax.Array

@@ -176,7 +176,7 @@ inline RowChunks SplitRows(ffi::ThreadPool& pool, int64_t k) {
 // the first find it in L1. One row of x is the same code at MR = 1: its outputs stay in registers too, where
 // streaming [K, N] rows loaded and stored them for every row of w (one core, bfloat16, in cache: 0.65-0.7x
 // the time). A bfloat16 panel goes a pair of rows per step: one vdpbf16ps per vector (bundled large model's
-// shapes, one core: 1.5x the float32 FMAs' speed for one row, 2x for 4 to 64), or each pair widened.
+// shapes, one core: 1.5x the widening tiles' speed for one row, 2x for 4 to 64), or each pair widened.
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <int64_t MR, int64_t V, typename W>
 void TileChunk(const Product<W>& p, const W* __restrict panel, int64_t width, int64_t r0, int64_t k0,
