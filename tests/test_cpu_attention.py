@@ -22,34 +22,35 @@ def _normal(rng, shape):
     return jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
 
-def _block(width: int, lengths, seed: int = 0):
+def _block(width: int, lengths, seed: int = 0, dim: int = D):
     """A query block, a cache with its own segment, and the decode mask of `width` tokens at `lengths`."""
     rng = np.random.default_rng(seed)
-    query = _normal(rng, (B, width, H, D))
-    keys = (_normal(rng, (B, HKV, S, D)), _normal(rng, (B, HKV, width, D)))
-    values = (_normal(rng, (B, HKV, S, D)), _normal(rng, (B, HKV, width, D)))
+    query = _normal(rng, (B, width, H, dim))
+    keys = (_normal(rng, (B, HKV, S, dim)), _normal(rng, (B, HKV, width, dim)))
+    values = (_normal(rng, (B, HKV, S, dim)), _normal(rng, (B, HKV, width, dim)))
     return query, keys, values, attended_positions(jnp.asarray(lengths, jnp.int32), S, width)[1]
 
 
 def _native(query, keys, values, mask):
     assert cpu_attention.applies(query, keys, values, query.shape[1])
-    return jax.jit(lambda *a: layers.attention(*a, scale=SCALE))(query, keys, values, mask)
+    return jax.jit(lambda *a: layers.attention(*a, scale=query.shape[-1] ** -0.5))(query, keys, values, mask)
 
 
 def _float64_reference(query, keys, values, mask) -> np.ndarray:
     q = np.asarray(query, np.float64)
     k = np.concatenate([np.asarray(x, np.float64) for x in keys], axis=2).repeat(H // HKV, axis=1)
     v = np.concatenate([np.asarray(x, np.float64) for x in values], axis=2).repeat(H // HKV, axis=1)
-    scores = np.einsum("bkhd,bhsd->bhks", q, k) * SCALE
+    scores = np.einsum("bkhd,bhsd->bhks", q, k) * q.shape[-1] ** -0.5
     scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return np.einsum("bhks,bhsd->bkhd", probs, v)
 
 
-@pytest.mark.parametrize("width", [1, 5])
-def test_matches_float64_attention(width):
-    block = _block(width, [0, 30])  # a row with an empty cache sees only its block
+# 64 queries: a prompt pass, split between threads; 80 dimensions: more than the 64 summed in registers at once.
+@pytest.mark.parametrize("width, dim", [(1, D), (5, D), (cpu_attention.MAX_WIDTH, 80)])
+def test_matches_float64_attention(width, dim):
+    block = _block(width, [0, 30], dim=dim)  # a row with an empty cache sees only its block
     np.testing.assert_allclose(_native(*block), _float64_reference(*block), rtol=1e-5, atol=1e-5)
 
 
