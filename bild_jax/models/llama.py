@@ -168,38 +168,55 @@ def _sliding_layers(hf: dict, model_type: str, num_layers: int) -> tuple[bool, .
     return (True,) * num_layers
 
 
-def rope_inverse_frequencies(config: LlamaConfig, sliding: bool = False) -> jax.Array:
-    """[head_dim // 2] float32 inverse frequencies, with the config's rope scaling applied; a sliding layer of
-    a model with its own local base (Gemma 3) uses that base, unscaled."""
+def rope_inverse_frequencies(config: LlamaConfig, sliding: bool = False) -> np.ndarray:
+    """[head_dim // 2] float32 inverse frequencies (computed in float64, then rounded), with the config's rope
+    scaling applied; a sliding layer of a model with its own local base (Gemma 3) uses that base, unscaled."""
     dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
     if sliding and config.local_rope_theta is not None:
-        return 1.0 / (config.local_rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+        return (1.0 / config.local_rope_theta ** exponents).astype(np.float32)
+    inv_freq = 1.0 / config.rope_theta ** exponents
     scaling = dict(config.rope_scaling)
     rope_type = scaling["rope_type"]
     if rope_type == "linear":
-        return inv_freq / scaling["factor"]
-    if rope_type == "llama3":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_context = scaling.get("original_max_position_embeddings", config.max_positions)
         wavelength = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+        scaled = np.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
         smooth = (old_context / wavelength - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
-        return jnp.where(is_medium, smoothed, scaled)
-    return inv_freq
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotates x [B, K, H, D] by its positions [B, K] (HF's rotate-half layout), computed in float32."""
-    angles = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+def rotary_embedding(config: LlamaConfig, positions: jax.Array, size: int, sliding: bool = False
+                     ) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, K, 1, head_dim] float32 of the rotation angles at positions [B, K] int32 (< size).
+
+    The angles are float32 products of position and inverse frequency, as HF computes them; their cosines and
+    sines come from a table of every position below `size`, computed here in float64 and rounded: a constant
+    of the program, gathered once per forward pass for all layers (XLA:CPU otherwise evaluated cos and sin
+    for every element of every head of each layer's queries and keys).
+    """
+    inv_freq = rope_inverse_frequencies(config, sliding)
+    angles = (np.arange(size, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)  # [size, D/2]
+    cos, sin = (jnp.take(jnp.asarray(table.astype(np.float32)), positions, axis=0, mode="clip")   # [B, K, D/2]
+                for table in (np.cos(angles), np.sin(angles)))
+    return tuple(jnp.concatenate([half, half], axis=-1)[:, :, None, :] for half in (cos, sin))
+
+
+def apply_rope(x: jax.Array, rotary: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates x [B, K, H, D] by `rotary_embedding`'s (cos, sin) [B, K, 1, D] (HF's rotate-half layout),
+    computed in float32."""
+    cos, sin = rotary
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -207,7 +224,7 @@ class LlamaAttention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache):
+    def __call__(self, x, rotary, mask, cache):
         cfg = self.config
         batch, width, _ = x.shape
         q, k, v = dense_group(x, [DenseWeights(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, name="q_proj"),
@@ -218,9 +235,8 @@ class LlamaAttention(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name="k_norm")(k)
-        inv_freq = rope_inverse_frequencies(cfg, sliding=bool(cfg.sliding_layers) and cfg.sliding_layers[self.layer])
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, rotary)
+        k = apply_rope(k, rotary)
         v = v.reshape(batch, width, cfg.num_kv_heads, cfg.head_dim)
         keys, values = cached_keys_values(cache, self.layer, k, v)
         scale = cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
@@ -245,14 +261,14 @@ class LlamaDecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, h, positions, mask, cache):
+    def __call__(self, h, rotary, mask, cache):
         cfg = self.config
 
         def norm(name):
             return RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name=name)
 
         attn, keys, values = LlamaAttention(cfg, self.layer, name="self_attn")(
-            norm("input_layernorm")(h), positions, mask, cache)
+            norm("input_layernorm")(h), rotary, mask, cache)
         if cfg.sandwich_norms:
             # Gemma 2/3 name their norm after attention `post_attention_layernorm`, the one before the MLP
             # `pre_feedforward_layernorm`.
@@ -291,10 +307,15 @@ class LlamaForCausalLM(nn.Module):
         if cfg.scale_embeddings:
             # HF rounds the scale to the weights' dtype first.
             h = h * jnp.asarray(cfg.hidden_size ** 0.5, h.dtype)
+        size = width if cache is None else cache.capacity + width  # every position the block can have
+        sliding = [bool(cfg.sliding_layers) and cfg.sliding_layers[i] for i in range(cfg.num_layers)]
+        own_base = cfg.local_rope_theta is not None  # sliding layers rotate with their own frequencies
+        rotary = {kind: rotary_embedding(cfg, positions, size, sliding=kind) for kind in {own_base and s for s in sliding}}
         layer_keys, layer_values = [], []
         for i in range(cfg.num_layers):
-            layer_mask = window_mask if cfg.sliding_layers and cfg.sliding_layers[i] else mask
-            h, keys, values = LlamaDecoderLayer(cfg, i, name=f"layers_{i}")(h, positions, layer_mask, cache)
+            layer_mask = window_mask if sliding[i] else mask
+            h, keys, values = LlamaDecoderLayer(cfg, i, name=f"layers_{i}")(h, rotary[own_base and sliding[i]],
+                                                                            layer_mask, cache)
             layer_keys.append(keys)
             layer_values.append(values)
         h = h if logits_at is None else take_at(h, logits_at)[:, None]
