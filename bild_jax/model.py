@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct, traverse_util
 
-from bild_jax import cpu_matmul
+from bild_jax import cpu_matmul, native_library
 from bild_jax.cache import KVBlock
 from bild_jax.errors import InputError
 from bild_jax.models import ModelFamily, family_for
@@ -131,33 +131,41 @@ def with_panels(model: Model) -> Model:
     (`cpu_matmul.packable`) held as a `cpu_matmul.PanelKernel`: its [K, N] values and their panel-major copy
     (as many bytes again). Unchanged off CPU or without the native kernels. Called outside a jit, the result
     is kept for as long as `model` lives: the next call returns it."""
-    leaves = jax.tree_util.tree_leaves(model.params)
-    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
-    if not traced and id(model) in _WITH_PANELS:
-        return _WITH_PANELS[id(model)]
-
     def pack(path, param):
         names = tuple(getattr(key, "key", None) for key in path)
         return cpu_matmul.panel_kernel(param) if names[-1] == "kernel" and cpu_matmul.packable(param) else param
 
-    packed = model.replace(params=jax.tree_util.tree_map_with_path(pack, model.params, is_leaf=_is_panel_kernel))
-    if not traced:
-        _WITH_PANELS[id(model)] = packed
-        weakref.finalize(model, _WITH_PANELS.pop, id(model), None)
-    return packed
+    def packed() -> Model:
+        return model.replace(params=jax.tree_util.tree_map_with_path(pack, model.params, is_leaf=_is_panel_kernel))
+
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(model.params)):
+        return packed()
+    return _remembered(model, "with_panels", packed)
 
 
 def panel_copy_bytes(model: Model) -> int:
     """Bytes of the panel-major copies `with_panels(model)` makes (0 where it has made them already)."""
-    if id(model) in _WITH_PANELS:
+    if "with_panels" in _REMEMBERED.get(id(model), {}):
         return 0
     leaves = jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_panel_kernel)
     return sum(param.nbytes for path, param in leaves
                if getattr(path[-1], "key", None) == "kernel" and cpu_matmul.packable(param))
 
 
-# id(model) -> `with_panels(model)`, for the models alive (a finalizer drops each entry).
-_WITH_PANELS: dict[int, Model] = {}
+# id(model) -> {key: what `_remembered` computed for it}, for the models alive (a finalizer drops each entry).
+_REMEMBERED: dict[int, dict] = {}
+
+
+def _remembered(model: Model, key, compute):
+    """compute(), once per live model and key: what depends only on a model object and the process (its
+    panel-major copy, the bytes of its loop copies), which the generate functions need on every call."""
+    memo = _REMEMBERED.get(id(model))
+    if memo is None:
+        memo = _REMEMBERED[id(model)] = {}
+        weakref.finalize(model, _REMEMBERED.pop, id(model), None)
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
 
 
 def _is_panel_kernel(param) -> bool:
@@ -166,10 +174,13 @@ def _is_panel_kernel(param) -> bool:
 
 def loop_copy_bytes(model: Model, rows: int) -> int:
     """Bytes of the float32 copies `for_decode_loop(model, rows)` makes (0 where it keeps the params)."""
-    if decode_loop_dtype(model) == model.dtype:
-        return 0
-    return sum(4 * p.size for path, p in jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_panel_kernel)
-               if not _kept_in_loop(model, path, p, rows))
+    def copied() -> int:
+        if decode_loop_dtype(model) == model.dtype:
+            return 0
+        leaves = jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_panel_kernel)
+        return sum(4 * p.size for path, p in leaves if not _kept_in_loop(model, path, p, rows))
+
+    return _remembered(model, ("loop_copy_bytes", rows, native_library.available(), jax.default_backend()), copied)
 
 
 def _kept_in_loop(model: Model, path, param, rows: int) -> bool:
