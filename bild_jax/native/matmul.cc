@@ -153,19 +153,23 @@ constexpr int64_t kTileRows = 6, kTileVectors = 1;
 constexpr int64_t kLanes = 16;
 #endif
 
-// Every product's sums: w's rows are split into `count` chunks of `rows` (a multiple of kChunkUnit),
-// whatever the number of rows of x; each output is fma(x_k, w_k, sum) over k in order from 0 within a
-// chunk, and the chunks' sums are added in chunk order. So a row's result never depends on the rows
-// computed with it.
+// Every product's sums: w's rows are split into `count` chunks of `rows` (a multiple of kChunkUnit), set by
+// K alone (not by the rows of x, nor the threads); each output is fma(x_k, w_k, sum) over k in order from 0
+// within a chunk, and the chunks' sums are added in chunk order. So a row's result never depends on the rows
+// computed with it. A chunk of a panel is at most kChunkRows rows (128 KB of bfloat16, 256 KB of float32:
+// the row tiles after the first read it from L2); the bundled models' kernels are one chunk each. (A fixed
+// 8 chunks, the earlier split, stored and reloaded every output 8 times and cost the 64-row tiles a third
+// of their speed.)
 struct RowChunks {
   int64_t count, rows;
 };
+constexpr int64_t kChunkRows = 1024;
 // The size of each of `count` chunks covering `total`, rounded up to a multiple of `unit`.
 inline int64_t ChunkSize(int64_t total, int64_t count, int64_t unit) {
   return ((total + count - 1) / count + unit - 1) / unit * unit;
 }
-inline RowChunks SplitRows(ffi::ThreadPool& pool, int64_t k) {
-  const int64_t count = ChunkCount(pool, k / (4 * kChunkUnit));
+inline RowChunks SplitRows(int64_t k) {
+  const int64_t count = std::max<int64_t>(1, (k + kChunkRows - 1) / kChunkRows);
   return {count, ChunkSize(k, count, kChunkUnit)};
 }
 
@@ -413,7 +417,7 @@ void Products(ffi::ThreadPool& pool, const std::vector<Product<W>>& products) {
   std::vector<int64_t> first_task(products.size() + 1, 0);
   for (size_t i = 0; i < products.size(); ++i) first_task[i + 1] = first_task[i] + bild::PanelCount(products[i].n);
   std::vector<RowChunks> splits;
-  for (const Product<W>& p : products) splits.push_back(SplitRows(pool, p.k));
+  for (const Product<W>& p : products) splits.push_back(SplitRows(p.k));
   InChunks(pool, first_task.back(), [&](int64_t task) {
     size_t i = 0;
     while (task >= first_task[i + 1]) ++i;
