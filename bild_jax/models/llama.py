@@ -309,13 +309,14 @@ class LlamaForCausalLM(nn.Module):
             h = h * jnp.asarray(cfg.hidden_size ** 0.5, h.dtype)
         size = width if cache is None else cache.capacity + width  # every position the block can have
         sliding = [bool(cfg.sliding_layers) and cfg.sliding_layers[i] for i in range(cfg.num_layers)]
-        own_base = cfg.local_rope_theta is not None  # sliding layers rotate with their own frequencies
-        rotary = {kind: rotary_embedding(cfg, positions, size, sliding=kind) for kind in {own_base and s for s in sliding}}
+        # Per layer, whether it rotates with the sliding layers' own base (Gemma 3): one table per base in use.
+        local_base = [s and cfg.local_rope_theta is not None for s in sliding]
+        rotary = {local: rotary_embedding(cfg, positions, size, sliding=local) for local in set(local_base)}
         layer_keys, layer_values = [], []
         for i in range(cfg.num_layers):
             layer_mask = window_mask if sliding[i] else mask
-            h, keys, values = LlamaDecoderLayer(cfg, i, name=f"layers_{i}")(h, rotary[own_base and sliding[i]],
-                                                                            layer_mask, cache)
+            h, keys, values = LlamaDecoderLayer(cfg, i, name=f"layers_{i}")(h, rotary[local_base[i]], layer_mask,
+                                                                            cache)
             layer_keys.append(keys)
             layer_values.append(values)
         h = h if logits_at is None else take_at(h, logits_at)[:, None]

@@ -158,8 +158,8 @@ constexpr int64_t kLanes = 16;
 // within a chunk, and the chunks' sums are added in chunk order. So a row's result never depends on the rows
 // computed with it. A chunk of a panel is at most kChunkRows rows (128 KB of bfloat16, 256 KB of float32:
 // the row tiles after the first read it from L2); the bundled models' kernels are one chunk each. (A fixed
-// 8 chunks, the earlier split, stored and reloaded every output 8 times and cost the 64-row tiles a third
-// of their speed.)
+// 8 chunks, the earlier split, stored and reloaded every output 8 times and cost the 64-row tiles up to a
+// third of their speed.)
 struct RowChunks {
   int64_t count, rows;
 };
