@@ -39,7 +39,7 @@ from bild_jax.demo import DEMO_PROMPTS, load_demo_prompts
 from bild_jax.errors import InputError
 from bild_jax.evaluation import run_systems
 from bild_jax.generate import GenerateOutput, greedy_generate, prepare_inputs
-from bild_jax.hub import BUNDLED_PREFIX, load_model
+from bild_jax.hub import BUNDLED_PREFIX, SMALL_MODEL_DTYPE, load_model
 from bild_jax.model import Model, for_decode_loop, with_panels
 from bild_jax.models.llama import LlamaConfig
 from bild_jax.prompts import decoder_capacity, prefill
@@ -413,15 +413,16 @@ class _Tracker:
             self.progress.advance(self.task)
 
 
-def check_settings(shape: str | None, dtype: str | None, num_prompts: int, max_new_tokens: int, max_draft: int,
+def check_settings(shape: str | None, dtypes: tuple[str | None, ...], num_prompts: int, max_new_tokens: int, max_draft: int,
                    fallback: float, rollback: float, batch_sizes: Sequence[int], prompts_file: Path | None
                    ) -> BiLDConfig:
     """The BiLD config of the settings; ValueError (FileNotFoundError for the prompts) naming the first bad
     one."""
     if shape is not None and shape not in SHAPES:
         raise InputError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+    for dtype in dtypes:
+        if dtype is not None and dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
     if num_prompts < 1:
         raise InputError(f"num_prompts must be >= 1, got {num_prompts}")
     if any(b < 1 for b in batch_sizes):
@@ -438,16 +439,16 @@ def _describe(model: Model, source: str) -> dict:
                 params=sum(x.size for x in leaves), weight_bytes=sum(x.nbytes for x in leaves))
 
 
-def _pair(small, large, shape: str | None, dtype: str | None) -> tuple[dict[str, Model], dict[str, str]]:
+def _pair(small, large, shape: str | None, dtype: str | None, small_dtype: str
+          ) -> tuple[dict[str, Model], dict[str, str]]:
     """({"small": Model, "large": Model}, where each comes from) for `run_bench`'s arguments."""
     if shape is not None:
-        dtype = DTYPES[dtype or "bfloat16"]
-        return ({"small": random_model(SHAPES[shape].small, dtype, seed=1),
-                 "large": random_model(SHAPES[shape].large, dtype, seed=0)},
+        return ({"small": random_model(SHAPES[shape].small, DTYPES[small_dtype], seed=1),
+                 "large": random_model(SHAPES[shape].large, DTYPES[dtype or "bfloat16"], seed=0)},
                 {"small": f"shape:{shape} small", "large": f"shape:{shape}"})
     given = {"small": small, "large": large}
-    models = {name: m if isinstance(m, Model) else load_model(m, DTYPES[dtype or "float32"])
-              for name, m in given.items()}
+    dtypes = {"small": DTYPES[small_dtype], "large": DTYPES[dtype or "float32"]}
+    models = {name: m if isinstance(m, Model) else load_model(m, dtypes[name]) for name, m in given.items()}
     sources = {name: f"{m.config.model_type} model in memory" if isinstance(m, Model) else str(m)
                for name, m in given.items()}
     return models, sources
@@ -469,7 +470,8 @@ def _finite(value: float) -> float | str:
 
 
 def run_bench(small: str | Path | Model = DEFAULT_SMALL, large: str | Path | Model = DEFAULT_LARGE,
-              shape: str | None = None, dtype: str | None = None, fallback: float = BiLDConfig.fallback_threshold,
+              shape: str | None = None, dtype: str | None = None, small_dtype: str = SMALL_MODEL_DTYPE,
+              fallback: float = BiLDConfig.fallback_threshold,
               rollback: float = BiLDConfig.rollback_threshold, max_draft: int = BiLDConfig.max_draft,
               num_prompts: int = 16, max_new_tokens: int = 48, batch_sizes: Sequence[int] = (),
               prompts_file: Path | None = None, step_loop: int = STEP_LOOP, step_repeats: int = STEP_REPEATS,
@@ -479,16 +481,17 @@ def run_bench(small: str | Path | Model = DEFAULT_SMALL, large: str | Path | Mod
     `small`/`large`: `load_model` paths, hub ids or `bundled:NAME`, or `Model`s already loaded; or `shape`
     (a key of `SHAPES`): random-weight Llama models of that size, for which BiLD's acceptance means nothing,
     so the end-to-end part runs greedy decoding and BiLD all-large (the loop overhead) only. `dtype`:
-    "float32" or "bfloat16" for the models it makes or loads (default float32 for checkpoints, bfloat16 for
-    shapes); a `Model` is taken as it is. Prompts: `prompts_file` (the demo's JSON format:
+    "float32" or "bfloat16" for the large model it makes or loads (default float32 for checkpoints, bfloat16
+    for shapes), `small_dtype` for the small one (default `hub.SMALL_MODEL_DTYPE`, as the other commands load
+    it); a `Model` is taken as it is. Prompts: `prompts_file` (the demo's JSON format:
     [{"prompt": [ids]}, ...]), else the bundled held-out prompts for a bundled pair, else random ids of
     `RANDOM_PROMPT_TOKENS` tokens; the first `num_prompts` of them. `progress` shows what runs.
     Raises ValueError (before loading anything) for bad settings.
     """
-    config = check_settings(shape, dtype, num_prompts, max_new_tokens, max_draft, fallback, rollback, batch_sizes,
-                            prompts_file)
+    config = check_settings(shape, (dtype, small_dtype), num_prompts, max_new_tokens, max_draft, fallback, rollback,
+                            batch_sizes, prompts_file)
     tracker = _Tracker(progress)
-    models, sources = _pair(small, large, shape, dtype)
+    models, sources = _pair(small, large, shape, dtype, small_dtype)
     bundled = shape is None and all(str(s).startswith(BUNDLED_PREFIX) for s in (small, large))
     prompts, prompt_source = _prompts(prompts_file, bundled, num_prompts, models["large"].vocab_size)
     with_bild = shape is None

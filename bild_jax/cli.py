@@ -27,12 +27,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_pair_arguments(parser: argparse.ArgumentParser, thresholds: bool = True, max_new_tokens: int = 64,
-                        small: str = "bundled:small", from_profile: bool = False) -> None:
-    """--small, --large, --max-new-tokens and (with `thresholds`) --fallback, --rollback, --max-draft, whose
-    defaults are the library's, or with `from_profile` None: the small model's pair profile decides."""
+                        small: str = "bundled:small", from_profile: bool = False, small_dtype: bool = True) -> None:
+    """--small, (with `small_dtype`) --small-dtype, --large, --max-new-tokens and (with `thresholds`)
+    --fallback, --rollback, --max-draft, whose defaults are the library's, or with `from_profile` None: the
+    small model's pair profile decides."""
     defaults = bild_jax.BiLDConfig()
     parser.add_argument("--small", default=small,
                         help="small model: HF-format directory, hub id or bundled:NAME (default %(default)s)")
+    if small_dtype:
+        parser.add_argument("--small-dtype", choices=("bfloat16", "float32"),
+                            help="the small model's dtype: the large model verifies its drafts, so it never changes "
+                                 "exact mode's output (default bfloat16: half the bytes a step reads)")
     parser.add_argument("--large", default="bundled:large",
                         help="large model: HF-format directory, hub id or bundled:NAME (default %(default)s)")
     if thresholds:
@@ -118,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     align = commands.add_parser("align", help="fine-tune the small model on the large model's outputs (prediction "
                                               "alignment); writes an HF-format directory")
-    _add_pair_arguments(align, thresholds=False)
+    _add_pair_arguments(align, thresholds=False, small_dtype=False)
     align.add_argument("--data", required=True,
                        help="prompt source: a .txt (one text per line), .jsonl or .parquet file, or a datasets id")
     align.add_argument("--out", type=Path, required=True, help="output directory for the aligned small model")
@@ -167,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_arguments(bench, max_new_tokens=48, small="bundled:small-aligned")
     bench.add_argument("--shape", help="random-weight Llama models of real sizes instead of --small/--large: "
                                        "llama-1b, llama-3b, llama-8b or tiny")
-    bench.add_argument("--dtype", help="float32 or bfloat16 (default: float32 for checkpoints, bfloat16 for shapes)")
+    bench.add_argument("--dtype", help="the large model's dtype, float32 or bfloat16 (default: float32 for checkpoints, "
+                                       "bfloat16 for shapes)")
     bench.add_argument("--num-prompts", type=int, default=16, help="(default %(default)s)")
     bench.add_argument("--batch-sizes", default="", help="also measure throughput at these batch sizes, e.g. 1,4,16")
     bench.add_argument("--prompts-file", type=Path,
@@ -205,8 +211,12 @@ def _shared_tokenizer(args):
 
 
 def _load_pair(args):
-    """(small, large, tokenizer): the models cut to their shared vocabulary when they only pad it apart."""
-    small, large = bild_jax.load_model(args.small), bild_jax.load_model(args.large)
+    """(small, large, tokenizer): the models cut to their shared vocabulary when they only pad it apart; the
+    small one in `--small-dtype`, else `hub.SMALL_MODEL_DTYPE`."""
+    from bild_jax.hub import SMALL_MODEL_DTYPE
+
+    small = bild_jax.load_model(args.small, args.small_dtype or SMALL_MODEL_DTYPE)
+    large = bild_jax.load_model(args.large)
     small_tok, large_tok = bild_jax.load_tokenizer(args.small), bild_jax.load_tokenizer(args.large)
     try:
         shared_small, shared_large = bild_jax.shared_vocabulary(small, large, small_tok, large_tok)
@@ -388,6 +398,7 @@ def run_bench(args) -> None:
     from rich.progress import Progress
 
     from bild_jax.bench import DEFAULT_LARGE, DEFAULT_SMALL, print_report, run_bench as bench
+    from bild_jax.hub import SMALL_MODEL_DTYPE
 
     if args.shape is not None and (args.small, args.large) != (DEFAULT_SMALL, DEFAULT_LARGE):
         raise InputError("--shape makes both models; drop --small/--large")
@@ -398,9 +409,10 @@ def run_bench(args) -> None:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise InputError(f"--batch-sizes expects comma-separated ints, got {args.batch_sizes!r}") from None
-    settings = dict(small=args.small, large=args.large, shape=args.shape, dtype=args.dtype, fallback=args.fallback,
-                    rollback=args.rollback, max_draft=args.max_draft, num_prompts=args.num_prompts,
-                    max_new_tokens=args.max_new_tokens, batch_sizes=batch_sizes, prompts_file=args.prompts_file)
+    settings = dict(small=args.small, large=args.large, shape=args.shape, dtype=args.dtype,
+                    small_dtype=args.small_dtype or SMALL_MODEL_DTYPE, fallback=args.fallback, rollback=args.rollback,
+                    max_draft=args.max_draft, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                    batch_sizes=batch_sizes, prompts_file=args.prompts_file)
     stderr = Console(stderr=True)
     if stderr.is_terminal:
         with Progress(console=stderr, transient=True) as progress:

@@ -21,7 +21,7 @@ from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.errors import InputError
 from bild_jax.evaluation import padded_shape, run_systems, summarize
 from bild_jax.generate import greedy_generate
-from bild_jax.hub import BUNDLED_DIR, load_model, load_tokenizer, resolve_model_dir
+from bild_jax.hub import BUNDLED_DIR, SMALL_MODEL_DTYPE, load_model, load_tokenizer, resolve_model_dir
 from bild_jax.profile import find_profile, read_profile
 
 DEMO_PROMPTS = BUNDLED_DIR / "demo_prompts.json"
@@ -75,9 +75,9 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     samples = load_demo_prompts(prompts_file, num_prompts, with_continuation=True)
     exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)  # settings checked before the models load
     tokenizer = load_tokenizer(large)
-    models = {"large": load_model(large), "small": load_model(small)}
+    models = {"large": load_model(large), "small": load_model(small, SMALL_MODEL_DTYPE)}
     if aligned:
-        models["aligned"] = load_model(aligned)
+        models["aligned"] = load_model(aligned, SMALL_MODEL_DTYPE)
     prompts = [s["prompt"] for s in samples]
     references = [tokenizer.decode(s["continuation"]) for s in samples]
     configs = {"small": _profile_config(small, max_new_tokens)}
@@ -108,7 +108,8 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
     for system, key, model_name in [("BiLD", "small", small), ("BiLD aligned", "aligned", aligned)][:len(configs)]:
         source = "its pair profile" if find_profile(model_name) else "library defaults: no pair profile"
         console.print(f"{system}: {_settings(configs[key])} ({source})")
-    console.print(f"BiLD exact: {_settings(exact)} (library defaults)")
+    console.print(f"BiLD exact: {_settings(exact)} (library defaults); small models in {SMALL_MODEL_DTYPE}, the "
+                  "large one in float32")
     sample_run = runs[-2] if aligned else runs[2]
     console.print(_coloured_sample(tokenizer, prompts[0], sample_run))
     return rows
@@ -125,7 +126,8 @@ def run_summarize_demo(small: str = "bundled:t5-small", aligned: str = "bundled:
     samples = load_demo_prompts(samples_file, num_prompts, with_continuation=True)
     exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
     tokenizer = load_tokenizer(large)
-    models = {"large": load_model(large), "small": load_model(small), "aligned": load_model(aligned)}
+    models = {"large": load_model(large), "small": load_model(small, SMALL_MODEL_DTYPE),
+              "aligned": load_model(aligned, SMALL_MODEL_DTYPE)}
 
     def decode(ids):  # the EOS that ends a summary is no word of it
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -149,8 +151,8 @@ def run_summarize_demo(small: str = "bundled:t5-small", aligned: str = "bundled:
     rows = [summarize(run, runs[0], references, decode) for run in runs]
     for row in rows:
         row.update(settings=settings[row["system"]], rouge_l_change=row["rouge_l"] - rows[0]["rouge_l"])
-    console.print(_table(rows, f"{len(samples)} held-out functions summarized (T5 pair), {max_new_tokens} new "
-                               f"tokens at most", SUMMARIZE_COLUMNS))
+    console.print(_table(rows, f"{len(samples)} held-out functions summarized (T5 pair, small models in "
+                               f"{SMALL_MODEL_DTYPE}), {max_new_tokens} new tokens at most", SUMMARIZE_COLUMNS))
     console.print(f"ROUGE-L against the functions' docstrings (first sentence); large-only "
                   f"{rows[0]['rouge_l']:.1f}, BiLD changes: " + ", ".join(
                       f"{row['system']} {row['rouge_l_change']:+.1f}" for row in rows[2:]))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
 
@@ -68,13 +69,13 @@ def tune(small, large, prompts: list[list[int]], references: list[str] | None, d
                        sweep_dir, console=console, max_rouge_loss=max_rouge_loss)
     result["with_references"] = references is not None
     profile, spread = recommend(result, decode, max_rouge_loss, large_name=large_name, prompts_name=prompts_name,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens, small_dtype=jnp.dtype(small.dtype).name)
     result.update(profile=profile, spread=spread)
     return result
 
 
 def recommend(result: dict, decode, max_rouge_loss: float, *, large_name: str = "", prompts_name: str = "",
-              max_new_tokens: int) -> tuple[PairProfile | None, dict | None]:
+              max_new_tokens: int, small_dtype: str = "") -> tuple[PairProfile | None, dict | None]:
     """(profile, spread) of a `tune` result's fastest grid point within `max_rouge_loss` ROUGE-L points of
     large-only; (None, None) when no point is. One sweep gives profiles for several allowed losses."""
     base = result["baseline"]
@@ -88,7 +89,7 @@ def recommend(result: dict, decode, max_rouge_loss: float, *, large_name: str = 
                "exact_match": best["exact_match"], "stability": spread["stability"], "near_best": spread["near_best"],
                "speedup_p5_p95": spread["speedup"], "loss_p5_p95": spread["rouge_l_loss"], "resamples": RESAMPLES}
     device = jax.devices()[0]
-    measured_on = {"large": large_name, "prompts": prompts_name, "num_prompts": len(result["references"]),
+    measured_on = {"large": large_name, "small_dtype": small_dtype, "prompts": prompts_name, "num_prompts": len(result["references"]),
                    "max_new_tokens": max_new_tokens, "batch_size": 1, "decoding": "greedy",
                    "device": f"{device.device_kind} ({os.cpu_count()} CPU cores)",
                    "date": datetime.date.today().isoformat(), "bild_jax": _version()}

@@ -14,6 +14,7 @@ import bild_jax
 from bild_jax import cli
 from bild_jax.align import Distillation, agreement, align, large_outputs, training_arrays
 from bild_jax.finetune import fine_tune
+from bild_jax.hub import SMALL_MODEL_DTYPE
 from bild_jax.profile import PROFILE_FILE, PairProfile, find_profile, read_profile, write_profile
 from bild_jax.prompt_sources import prompt_windows, read_texts
 
@@ -288,6 +289,7 @@ def test_tune_writes_a_profile_that_generate_then_uses(aligned_llama, tmp_path, 
     assert 0 <= profile.quality["stability"] <= profile.quality["near_best"] <= 1
     assert profile.measured_on["num_prompts"] == 4
     assert profile.measured_on["large"] == str(large_dir)
+    assert profile.measured_on["small_dtype"] == SMALL_MODEL_DTYPE  # tuned as generate loads it
     _, said = _generate(small, large_dir, capsys=capsys)
     assert "using the pair profile" in said
 

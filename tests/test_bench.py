@@ -122,9 +122,12 @@ def test_batches_cut_prompts_to_one_length_and_cycle_them():
 
 
 def test_cli_prints_valid_json(capsys):
-    assert cli.main(["bench", "--shape", "tiny", *["--num-prompts", "2", "--max-new-tokens", "4"], "--json", "-"]) == 0
+    assert cli.main(["bench", "--shape", "tiny", *["--num-prompts", "2", "--max-new-tokens", "4"], "--dtype", "float32",
+                     "--json", "-"]) == 0
     result = json.loads(capsys.readouterr().out)
     _check_record(result, ["large greedy", "small greedy", "in turns", "BiLD all-large"], [], with_bild=False)
+    # --dtype is the large model's; the small one is loaded as the other commands load it
+    assert (result["models"]["large"]["dtype"], result["models"]["small"]["dtype"]) == ("float32", "bfloat16")
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -144,6 +147,14 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     assert cli.main(["bench", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_an_unknown_small_dtype_is_one_line_and_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--shape", "tiny", "--small-dtype", "float8"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.err.count("\n") == 1
+    assert "argument --small-dtype: invalid choice: 'float8'" in captured.err
 
 
 def test_help_lists_bench():

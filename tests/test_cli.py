@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import bild_jax
 from bild_jax import cli
-from bild_jax.hub import BUNDLED_DIR
+from bild_jax.hub import BUNDLED_DIR, SMALL_MODEL_DTYPE
 from bild_jax.schedule import BatchSchedule, ScheduleTable
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_DIR / "large").is_dir(), reason="the bundled pair is not built")
@@ -69,6 +70,18 @@ def test_generate_json_has_text_tokens_and_stats(tmp_path, capsys):
     assert [line["tokens"] for line in alone] == [line["tokens"] for line in lines]
     assert "batch of 2: large model alone" in captured.err and "large model alone" in alone[0]["schedule"]
     assert all(line["stats"]["small_tokens"] == 0 for line in alone)
+
+
+def test_the_small_model_loads_in_the_small_model_dtype_unless_told():
+    """Its dtype never changes exact mode's output (`test_generate_json_has_text_tokens_and_stats` runs the
+    default bfloat16 small model against the float32 large model's greedy tokens)."""
+    parser = cli.build_parser()
+    for flags, dtype in (([], SMALL_MODEL_DTYPE), (["--small-dtype", "float32"], "float32")):
+        small, large, _ = cli._load_pair(parser.parse_args(["generate", "--prompt", "x", *flags]))
+        assert (small.dtype, large.dtype) == (jnp.dtype(dtype), jnp.float32)
+    generate_help = next(action for action in parser._subparsers._group_actions[0].choices["generate"]._actions
+                         if action.dest == "small_dtype").help
+    assert f"default {SMALL_MODEL_DTYPE}" in generate_help
 
 
 def test_generate_samples_with_the_given_settings_and_seed(capsys):
