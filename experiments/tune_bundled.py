@@ -28,7 +28,7 @@ from bild_jax import cli  # noqa: E402
 from bild_jax.hub import load_tokenizer  # noqa: E402
 
 PROMPTS = Path("experiments/results/tune_prompts.json")  # relative: the profiles record it as given
-FALLBACKS = {"small": "0.2,0.3,0.4,0.6", "small-aligned": "0.6,0.8"}
+FALLBACKS = {"small": "0.2,0.3,0.4,0.5,0.6", "small-aligned": "0.6,0.8"}
 
 
 def write_tune_prompts(path: Path, count: int = 128, seed: int = 1) -> None:
