@@ -88,6 +88,6 @@ def test_cli_decodes_a_padded_pair_over_the_shared_rows(tmp_path, capsys):
     config = json.loads((padded / "config.json").read_text())
     (padded / "config.json").write_text(json.dumps({**config, "vocab_size": 4096 + 64}))
 
-    small, large, _ = cli._load_pair(SimpleNamespace(small="bundled:small", large=str(padded)))
+    small, large, _ = cli._load_pair(SimpleNamespace(small="bundled:small", small_dtype=None, large=str(padded)))
     assert (small.vocab_size, large.vocab_size, large.config.vocab_size) == (4096, 4096, 4160)
     assert "differ only by padding rows (small 4096, large 4160" in capsys.readouterr().err
