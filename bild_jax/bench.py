@@ -413,11 +413,11 @@ class _Tracker:
             self.progress.advance(self.task)
 
 
-def check_settings(shape: str | None, dtypes: tuple[str | None, ...], num_prompts: int, max_new_tokens: int, max_draft: int,
-                   fallback: float, rollback: float, batch_sizes: Sequence[int], prompts_file: Path | None
-                   ) -> BiLDConfig:
-    """The BiLD config of the settings; ValueError (FileNotFoundError for the prompts) naming the first bad
-    one."""
+def check_settings(shape: str | None, dtypes: tuple[str | None, ...], num_prompts: int, max_new_tokens: int,
+                   max_draft: int, fallback: float, rollback: float, batch_sizes: Sequence[int],
+                   prompts_file: Path | None) -> BiLDConfig:
+    """The BiLD config of the settings (`dtypes`: the models' dtype names, None for a default); ValueError
+    (FileNotFoundError for the prompts) naming the first bad one."""
     if shape is not None and shape not in SHAPES:
         raise InputError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
     for dtype in dtypes:

@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_arguments(bench, max_new_tokens=48, small="bundled:small-aligned")
     bench.add_argument("--shape", help="random-weight Llama models of real sizes instead of --small/--large: "
                                        "llama-1b, llama-3b, llama-8b or tiny")
-    bench.add_argument("--dtype", help="the large model's dtype, float32 or bfloat16 (default: float32 for checkpoints, "
-                                       "bfloat16 for shapes)")
+    bench.add_argument("--dtype", help="the large model's dtype, float32 or bfloat16 (default: float32 for "
+                                       "checkpoints, bfloat16 for shapes)")
     bench.add_argument("--num-prompts", type=int, default=16, help="(default %(default)s)")
     bench.add_argument("--batch-sizes", default="", help="also measure throughput at these batch sizes, e.g. 1,4,16")
     bench.add_argument("--prompts-file", type=Path,
