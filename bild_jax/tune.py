@@ -90,7 +90,8 @@ def recommend(result: dict, decode, max_rouge_loss: float, *, large_name: str = 
                "speedup_p5_p95": spread["speedup"], "loss_p5_p95": spread["rouge_l_loss"], "resamples": RESAMPLES}
     device = jax.devices()[0]
     measured_on = {"large": large_name, "small_dtype": small_dtype, "prompts": prompts_name,
-                   "num_prompts": len(result["references"]), "max_new_tokens": max_new_tokens, "batch_size": 1, "decoding": "greedy",
+                   "num_prompts": len(result["references"]), "max_new_tokens": max_new_tokens, "batch_size": 1,
+                   "decoding": "greedy",
                    "device": f"{device.device_kind} ({os.cpu_count()} CPU cores)",
                    "date": datetime.date.today().isoformat(), "bild_jax": _version()}
     return PairProfile(fallback_threshold=float(best["fallback"]), rollback_threshold=float(best["rollback"]),
