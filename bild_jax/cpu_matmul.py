@@ -20,10 +20,10 @@ one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner spli
 bfloat16 weights take their rows rounded to bfloat16 (`bfloat16_rows`), the arithmetic of llama.cpp's and
 HF's bfloat16 models: every product of two bfloat16 values is exact in float32 and summed in float32, and
 CPUs with AVX512-BF16 do twice the multiply-adds per instruction of float32 FMAs, with no widening (a C++
-harness of the bundled large model's shapes: 2x the widening tiles' speed for 4 to 64 rows, 1.5x for one). XLA's dot, where it meets such a weight on the same terms (an unpacked kernel, T5's
-cross-attention projections), rounds the rows too, so a model computes one function whichever path a
-product takes; without the native kernels (or on several devices) a bfloat16 weight is widened and meets
-float32 rows.
+harness of the bundled large model's shapes: 2x the widening tiles' speed for 4 to 64 rows, 1.5x for one).
+XLA's dot, where it meets such a weight on the same terms (an unpacked kernel, T5's cross-attention
+projections), rounds the rows too, so a model computes one function whichever path a product takes; without
+the native kernels (or on several devices) a bfloat16 weight is widened and meets float32 rows.
 """
 
 from __future__ import annotations

@@ -131,7 +131,8 @@ def test_bfloat16_weights_take_their_rows_rounded_to_bfloat16(transposed):
     np.testing.assert_allclose(got[1:], _reference(x[1:], half.T if transposed else half), rtol=1e-5, atol=1e-4)
     if not transposed:
         unpacked = cpu_matmul.dense_dot_general(jnp.asarray(x[1:]), half, (((1,), (0,)), ((), ())))
-        np.testing.assert_allclose(np.asarray(unpacked), np.asarray(jax.jit(product)(x[1:], half)), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(unpacked), np.asarray(jax.jit(product)(x[1:], half)), rtol=1e-5,
+                                   atol=1e-4)
 
 
 def test_wide_products_widen_unpacked_bfloat16_weights_after_their_rows():
@@ -168,7 +169,8 @@ def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, ever
     assert (table is not None) == kind.endswith("tied")
     for rows in (4, cpu_matmul.MAX_ROWS + 1):
         kept = for_decode_loop(half, rows=rows)
-        leaves = jax.tree_util.tree_leaves_with_path(kept.params, is_leaf=lambda p: isinstance(p, cpu_matmul.PanelKernel))
+        leaves = jax.tree_util.tree_leaves_with_path(kept.params,
+                                                     is_leaf=lambda p: isinstance(p, cpu_matmul.PanelKernel))
         dtypes = {tuple(k.key for k in path): p.dtype for path, p in leaves}
         assert all(dtype == (jnp.bfloat16 if name[-1] == "kernel" or name == table else jnp.float32)
                    for name, dtype in dtypes.items())
