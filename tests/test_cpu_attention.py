@@ -1,5 +1,5 @@
-"""The native CPU kernel for decode-step attention: values, a token's output bitwise the same in a step and
-in a block, gradients, and when it is used."""
+"""The native CPU kernel for decode-step attention: values (with and without a position bias), a token's output
+bitwise the same in a step and in a block, gradients, and when it is used."""
 
 from __future__ import annotations
 
@@ -31,16 +31,25 @@ def _block(width: int, lengths, seed: int = 0, dim: int = D):
     return query, keys, values, attended_positions(jnp.asarray(lengths, jnp.int32), S, width)[1]
 
 
-def _native(query, keys, values, mask):
+def _native(query, keys, values, mask, bias=None):
     assert cpu_attention.applies(query, keys, values, query.shape[1])
-    return jax.jit(lambda *a: layers.attention(*a, scale=query.shape[-1] ** -0.5))(query, keys, values, mask)
+    return jax.jit(lambda *a: layers.attention(*a, scale=query.shape[-1] ** -0.5))(query, keys, values, mask, bias)
 
 
-def _float64_reference(query, keys, values, mask) -> np.ndarray:
+def _position_bias(lengths, width: int) -> jax.Array:
+    """A bias [B, H, K, S + K] that depends only on the query's and key's positions, as T5's does."""
+    key_positions = attended_positions(jnp.asarray(lengths, jnp.int32), S, width)[0]      # [B, S']
+    distance = (key_positions[:, S:, None] - key_positions[:, None, :]).astype(jnp.float32)  # [B, K, S']
+    return jnp.sin(distance[:, None] * jnp.arange(1, H + 1, dtype=jnp.float32)[None, :, None, None] / 7.0)
+
+
+def _float64_reference(query, keys, values, mask, bias=None) -> np.ndarray:
     q = np.asarray(query, np.float64)
     k = np.concatenate([np.asarray(x, np.float64) for x in keys], axis=2).repeat(H // HKV, axis=1)
     v = np.concatenate([np.asarray(x, np.float64) for x in values], axis=2).repeat(H // HKV, axis=1)
     scores = np.einsum("bkhd,bhsd->bhks", q, k) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + np.asarray(bias, np.float64)
     scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -54,9 +63,18 @@ def test_matches_float64_attention(width, dim):
     np.testing.assert_allclose(_native(*block), _float64_reference(*block), rtol=1e-5, atol=1e-5)
 
 
-def test_token_in_a_block_equals_its_one_token_step_bitwise():
+def test_a_position_bias_is_added_to_the_scores():
+    query, keys, values, mask = _block(5, [3, 30])
+    bias = _position_bias([3, 30], 5)
+    for shared in (bias, bias[:1]):  # one bias per row, or one for all rows
+        np.testing.assert_allclose(_native(query, keys, values, mask, shared),
+                                   _float64_reference(query, keys, values, mask, shared), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_token_in_a_block_equals_its_one_token_step_bitwise(biased):
     query, keys, values, mask = _block(4, [9, 30])
-    in_block = _native(query, keys, values, mask)
+    in_block = _native(query, keys, values, mask, _position_bias([9, 30], 4) if biased else None)
     # The block's tokens 0..2 already in the cache at each row's cursor; token 3 alone.
     lengths = np.array([9, 30])
     cached = [np.array(x) for x in (keys[0], values[0])]
@@ -65,7 +83,8 @@ def test_token_in_a_block_equals_its_one_token_step_bitwise():
         cached[1][row, :, start:start + 3] = values[1][row, :, :3]
     step_mask = attended_positions(jnp.asarray(lengths + 3, jnp.int32), S, 1)[1]
     step = _native(query[:, 3:], (jnp.asarray(cached[0]), keys[1][:, :, 3:]),
-                   (jnp.asarray(cached[1]), values[1][:, :, 3:]), step_mask)
+                   (jnp.asarray(cached[1]), values[1][:, :, 3:]), step_mask,
+                   _position_bias(lengths + 3, 1) if biased else None)
     assert (np.asarray(step[:, 0]) == np.asarray(in_block[:, 3])).all()
 
 
@@ -82,17 +101,18 @@ def test_sliding_window_mask_and_a_query_that_sees_nothing():
 
 def test_gradients_are_xla_attentions():
     query, keys, values, mask = _block(2, [5, 11])
+    bias = _position_bias([5, 11], 2)
 
     def loss(attend):
-        return lambda q, k, v: (attend(q, k, v, mask, scale=SCALE) ** 2).sum()
+        return lambda q, k, v, b: (attend(q, k, v, mask, b, scale=SCALE) ** 2).sum()
 
-    native = jax.grad(loss(layers.attention), argnums=(0, 1, 2))(query, keys, values)
-    xla = jax.grad(loss(layers._xla_attention), argnums=(0, 1, 2))(query, keys, values)
+    native = jax.grad(loss(layers.attention), argnums=(0, 1, 2, 3))(query, keys, values, bias)
+    xla = jax.grad(loss(layers._xla_attention), argnums=(0, 1, 2, 3))(query, keys, values, bias)
     for got, want in zip(jax.tree.leaves(native), jax.tree.leaves(xla)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_xla_keeps_wide_half_precision_and_biased_attention():
+def test_xla_keeps_wide_half_precision_and_capped_attention():
     query, keys, values, mask = _block(2, [5, 11])
     assert not cpu_attention.applies(query, keys, values, cpu_attention.MAX_WIDTH + 1)
     half = tuple(k.astype(jnp.bfloat16) for k in keys)
@@ -104,4 +124,4 @@ def test_xla_keeps_wide_half_precision_and_biased_attention():
 
     assert "custom_jvp_call" in primitives(scale=SCALE)
     assert "custom_jvp_call" not in primitives(scale=SCALE, score_cap=50.0)
-    assert "custom_jvp_call" not in primitives(bias=jnp.zeros((1, H, 2, S + 2)))
+    assert "custom_jvp_call" in primitives(scale=SCALE, bias=jnp.zeros((1, H, 2, S + 2)))

@@ -111,13 +111,13 @@ def attention(query: jax.Array, keys, values, mask: jax.Array, bias: jax.Array |
     segments attended as one sequence of S = sum of their lengths without concatenating them (a decode step
     attends its cache, then its own block); H a multiple of Hkv; mask [B, K, S] bool; bias [B or 1, H, K, S]
     float or None; `score_cap` soft-caps the scaled scores (`softcap`) before the bias and mask (Gemma 2).
-    Returns [B, K, H, D] in the query's dtype. On CPU, decode steps without bias or cap run in bild-jax's
-    native kernel (`cpu_attention`).
+    Returns [B, K, H, D] in the query's dtype. On CPU, decode steps without a cap run in bild-jax's native
+    kernel (`cpu_attention`).
     """
     keys = keys if isinstance(keys, tuple) else (keys,)
     values = values if isinstance(values, tuple) else (values,)
-    if bias is None and score_cap is None and cpu_attention.applies(query, keys, values, query.shape[1]):
-        return cpu_attention.attention(query, keys, values, mask, scale,
+    if score_cap is None and cpu_attention.applies(query, keys, values, query.shape[1]):
+        return cpu_attention.attention(query, keys, values, mask, bias, scale,
                                        functools.partial(_xla_attention, scale=scale))
     return _xla_attention(query, keys, values, mask, bias, scale, score_cap)
 

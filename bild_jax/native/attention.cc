@@ -4,14 +4,18 @@
 // values) as separate library calls whose fixed cost is most of their time: together about a sixth of a
 // step of the bundled large model. This kernel does the whole attention of one query in one pass.
 //
-//   bild_attention: out[B, K, H, D] = softmax(scale * q . keys, masked) . values
-//     q [B, K, H, D]; mask [B, K, S'] bool; then one or more (keys, values) segments, each [B, Hkv, S_i, D]
-//     head-major, attended as one sequence of S' = sum S_i keys (a cache, then the block's own keys).
+//   bild_attention: out[B, K, H, D] = softmax(scale * q . keys + bias, masked) . values
+//     q [B, K, H, D]; mask [B, K, S'] bool; bias [B or 1, H, K, S'] float32, or no elements for none (T5's
+//     relative position bias); then one or more (keys, values) segments, each [B, Hkv, S_i, D] head-major,
+//     attended as one sequence of S' = sum S_i keys (a cache, then the block's own keys).
 //
 // A query's keys are visited in segment order, masked ones skipped, and every sum runs over them in that
 // order. For a decode mask (a row's valid cache slots, then the block's tokens up to the query) that order
 // is the keys' positions, so a token gets bitwise the same output whether its predecessors sit in the cache
-// (one-token steps) or in the same block (a verification pass), as exact mode needs. A query first lists the
+// (one-token steps) or in the same block (a verification pass), as exact mode needs; a bias adds to a score
+// after its dot product, so it keeps that property wherever it depends only on the query's and key's
+// positions (T5's relative bias; in XLA it cost T5's layers as much as the rest of their attention). A query
+// first lists the
 // rows of the keys it sees (the mask scanned once for all heads of a key/value head); with AVX-512 their
 // scores are computed 16 at a time, their weights exponentiated 16 at a time, and the weighted sum of values
 // kept in registers (against one key at a time: the bundled large model's attention 0.48x the time for a
@@ -91,17 +95,19 @@ float Dot(const float* __restrict a, const float* __restrict b, int64_t d) {
 }
 #endif
 
-// The rows of the keys and values one query sees, in segment order, and its scores and weights.
+// The rows of the keys and values one query sees, in segment order, their indices among the S' keys, and
+// its scores and weights.
 struct Visible {
   std::vector<const float*> keys, values;
+  std::vector<int64_t> indices;
   std::vector<float> scores, weights;  // padded to whole blocks of 16
   int64_t count = 0;
   explicit Visible(int64_t total)
-      : keys(total), values(total), scores(total + kKeys), weights(total + kKeys) {}
+      : keys(total), values(total), indices(total), scores(total + kKeys), weights(total + kKeys) {}
 };
 
-// scores[n] = scale * q . keys[n] for the n < count visible keys.
-void Scores(const float* q, Visible& seen, int64_t dim, float scale) {
+// scores[n] = scale * q . keys[n] + bias[indices[n]] for the n < count visible keys; bias [S'] or null.
+void Scores(const float* q, const float* bias, Visible& seen, int64_t dim, float scale) {
 #if defined(__AVX512F__)
   for (int64_t n = 0; n < seen.count; n += kKeys) {
     const float* rows[kKeys];  // past the last key, the last key again (computed and not used)
@@ -112,6 +118,8 @@ void Scores(const float* q, Visible& seen, int64_t dim, float scale) {
 #else
   for (int64_t n = 0; n < seen.count; ++n) seen.scores[n] = Dot(q, seen.keys[n], dim) * scale;
 #endif
+  if (bias != nullptr)
+    for (int64_t n = 0; n < seen.count; ++n) seen.scores[n] += bias[seen.indices[n]];
 }
 
 // weights[n] = exp(scores[n] - top) for the visible keys.
@@ -153,7 +161,7 @@ void WeightedSum(const Visible& seen, int64_t dim, float* result) {
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::PRED> mask,
-                     ffi::RemainingArgs segment_args, ffi::ResultBuffer<ffi::F32> out, float scale) {
+                     ffi::Buffer<ffi::F32> bias, ffi::RemainingArgs segment_args, ffi::ResultBuffer<ffi::F32> out, float scale) {
   auto qd = q.dimensions();
   auto md = mask.dimensions();
   if (qd.size() != 4 || md.size() != 3 || md[0] != qd[0] || md[1] != qd[1] || segment_args.size() < 2 ||
@@ -178,6 +186,13 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     total += kd[2];
   }
   if (md[2] != total) return ffi::Error::InvalidArgument("bild_attention: the mask must cover every key");
+  auto bd = bias.dimensions();
+  const bool biased = bias.element_count() != 0;
+  if (biased && (bd.size() != 4 || (bd[0] != 1 && bd[0] != batch) || bd[1] != heads || bd[2] != width ||
+                 bd[3] != total))
+    return ffi::Error::InvalidArgument("bild_attention: the bias must be [B or 1, H, K, S'] or empty");
+  const int64_t bias_rows = biased ? bd[0] : 0;
+  const float* biases = bias.typed_data();
   const int64_t groups = heads / kv_heads;
   const float* qs = q.typed_data();
   const bool* masks = mask.typed_data();
@@ -188,14 +203,17 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     const int64_t b = u / (kv_heads * width), kvh = u / width % kv_heads, i = u % width;
     const bool* visible = masks + (b * width + i) * total;
     seen.count = 0;
+    int64_t offset = 0;  // index among the S' keys of the segment's first
     for (const Segment& part : segments) {
       const int64_t start = (b * kv_heads + kvh) * part.length * dim;
       for (int64_t j = 0; j < part.length; ++j)
         if (visible[j]) {
           seen.keys[seen.count] = part.keys + start + j * dim;
-          seen.values[seen.count++] = part.values + start + j * dim;
+          seen.values[seen.count] = part.values + start + j * dim;
+          seen.indices[seen.count++] = offset + j;
         }
       visible += part.length;
+      offset += part.length;
     }
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t h = kvh * groups + g;
@@ -204,7 +222,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
         std::fill(result, result + dim, 0.0f);
         continue;
       }
-      Scores(qs + ((b * width + i) * heads + h) * dim, seen, dim, scale);
+      const float* bias_row = biased ? biases + (((bias_rows == 1 ? 0 : b) * heads + h) * width + i) * total
+                                     : nullptr;  // [S']
+      Scores(qs + ((b * width + i) * heads + h) * dim, bias_row, seen, dim, scale);
       const float top = *std::max_element(seen.scores.begin(), seen.scores.begin() + seen.count);
       Weights(seen, top);
       WeightedSum(seen, dim, result);
@@ -232,6 +252,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BildAttention, Attention,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
