@@ -34,6 +34,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import bild_jax
+from bild_jax import reductions
 from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.demo import DEMO_PROMPTS, load_demo_prompts
 from bild_jax.errors import InputError
@@ -156,7 +157,7 @@ def _decode_loop(model: Model, tokens: jax.Array, cache, loop: int) -> jax.Array
         logits, cache = model.decode(tokens + feedback, cache)
         # A token derived from every row of the logits feeds the next call, so that XLA can neither hoist
         # work out of the loop nor drop the logits of the block's other tokens.
-        return cache.with_lengths(lengths), jnp.argmax(logits.max(axis=1), -1)[:, None].astype(jnp.int32) % 2
+        return cache.with_lengths(lengths), reductions.argmax(logits.max(axis=1))[:, None] % 2
 
     return lax.fori_loop(0, loop, body, (cache, jnp.zeros((tokens.shape[0], 1), jnp.int32)))[1]
 
@@ -246,14 +247,14 @@ def _in_turns(small: Model, large: Model, prompts: jax.Array, prompt_lengths: ja
     small, large = for_decode_loop(small, rows=batch), for_decode_loop(large, rows=batch)
     _, small_cache = prefill(small, prompts, prompt_lengths, decoder_capacity(small, width, max_new_tokens))
     logits, large_cache = prefill(large, prompts, prompt_lengths, decoder_capacity(large, width, max_new_tokens))
-    tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(jnp.argmax(logits, -1))
+    tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(reductions.argmax(logits))
 
     def body(i, carry):
         small_cache, large_cache, tokens = carry
         logits, small_cache = small.decode(lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1), small_cache)
-        draft = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)                # [B, 1]
+        draft = reductions.argmax(logits[:, -1])[:, None]                                # [B, 1]
         logits, large_cache = large.decode(draft, large_cache)                           # [B, 1, V]
-        return small_cache, large_cache, tokens.at[:, i].set(jnp.argmax(logits[:, -1], -1))
+        return small_cache, large_cache, tokens.at[:, i].set(reductions.argmax(logits[:, -1]))
 
     tokens = lax.fori_loop(1, max_new_tokens, body, (small_cache, large_cache, tokens))[2]
     return GenerateOutput(tokens=tokens, lengths=jnp.full((batch,), max_new_tokens, jnp.int32))

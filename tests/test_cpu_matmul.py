@@ -154,15 +154,16 @@ def test_wide_products_widen_unpacked_bfloat16_weights_after_their_rows():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-tied", "gpt2-tied"])
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "gpt2-tied", "t5-tied"])
 def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, every_weight_native, kind):
-    """Llama (untied and tied) and GPT-2 (tied): the loop keeps the Dense kernels and the output table in
-    bfloat16 (at any number of rows), computes in float32 with the rows of those products rounded to
-    bfloat16, close to the model's float32 copy, and a one-token step gives the prompt pass's logits."""
+    """Llama (untied and tied), GPT-2 and T5 (tied; T5's table also feeds its encoder): the loop keeps the
+    Dense kernels and the output table in bfloat16 (at any number of rows), computes in float32 with the rows
+    of those products rounded to bfloat16, close to the model's float32 copy, and a one-token step gives the
+    prompt pass's logits."""
     from bild_jax.model import for_decode_loop, loop_copy_bytes
 
     model = {"llama": lambda: bild_pair("llama")[1], "llama-tied": lambda: bild_jax.load_model("bundled:small"),
-             "gpt2-tied": lambda: bild_pair("mixed")[0]}[kind]()
+             "gpt2-tied": lambda: bild_pair("mixed")[0], "t5-tied": lambda: bild_jax.load_model("bundled:t5-small")}[kind]()
     half = model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
     widened = half.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), half.params))
     table = model.family.output_table(model.config)
@@ -181,12 +182,22 @@ def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, ever
                      if dtypes[name] == jnp.float32)
         assert loop_copy_bytes(half, rows=rows) == copied
 
+    source = jnp.asarray([[4, 6, 8, 10, 12, 14]])
+    encoder = dict(encoder_input_ids=source, encoder_mask=source > 0) if model.is_encoder_decoder else {}
+
+    def prompt_pass(model, prompts):  # -> (logits [1, V] after the last token, cache)
+        cache = model.start_cache(1, 16, **encoder)
+        if model.is_encoder_decoder:  # the decoder's prompt is a block on the empty cache
+            logits, cache = model.decode(prompts, cache)
+            return logits[:, -1], cache
+        return model.decode_prompt(prompts, jnp.asarray([prompts.shape[1]]), cache)
+
     @jax.jit
     def prompt_then_step(model, prompts):  # the loop's passes: a prompt pass, then a one-token step
         model = for_decode_loop(model, rows=4)
         length = prompts.shape[1] - 1
-        whole, _ = model.decode_prompt(prompts, jnp.asarray([length + 1]), model.start_cache(1, 16))
-        _, cache = model.decode_prompt(prompts[:, :length], jnp.asarray([length]), model.start_cache(1, 16))
+        whole, _ = prompt_pass(model, prompts)
+        _, cache = prompt_pass(model, prompts[:, :length])
         step, _ = model.decode(prompts[:, length:], cache.with_lengths(jnp.asarray([length])))
         return whole, step[:, -1]
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bild_jax.cache import KVBlock, KVCache
+from bild_jax.cpu_lookup import lookup
 from bild_jax.models.encoder_decoder import (EncoderDecoderCache, empty_cache, encode_into_cache, encoder_mask,
                                              key_mask)
 from bild_jax.models.family import ModelFamily
@@ -267,8 +268,10 @@ class BartForConditionalGeneration(nn.Module):
     def _token_table(self, stack: BartStack) -> nn.Embed:
         return self.shared if self.config.shares_all_embeddings else stack.embed_tokens
 
-    def _embed(self, stack: BartStack, tokens: jax.Array) -> jax.Array:
-        embedded = self._token_table(stack)(tokens)
+    def _embed(self, stack: BartStack, tokens: jax.Array, dtype=None) -> jax.Array:
+        """The stack's token rows [..., d_model] of tokens [...] int32, in `dtype` (the table's when None)."""
+        table = self._token_table(stack)
+        embedded = table(tokens) if dtype is None else lookup(table, tokens, dtype)
         return embedded * self.config.d_model ** 0.5 if self.config.scale_embedding else embedded
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None):
@@ -280,24 +283,29 @@ class BartForConditionalGeneration(nn.Module):
                                cross_values, key_mask(source_mask, width))
         return self._logits(h)
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Encoder output [B, T, d_model] of input_ids [B, T] int32; attention_mask [B, T] marks real tokens."""
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, dtype=None) -> jax.Array:
+        """Encoder output [B, T, d_model] of input_ids [B, T] int32; attention_mask [B, T] marks real tokens;
+        `dtype`: of the token rows (the table's when None)."""
         batch, width = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
         mask = key_mask(encoder_mask(input_ids, attention_mask), width)
-        h, _, _ = self.encoder(self._embed(self.encoder, input_ids), positions, mask)
+        h, _, _ = self.encoder(self._embed(self.encoder, input_ids, dtype), positions, mask)
         return h
 
-    def encoder_cross_keys_values(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
-        """Runs the encoder once: per decoder layer, the cross-attention keys and values [B, H, T, D]."""
-        return self.decoder.cross_keys_values(self.encode(input_ids, attention_mask))
+    def encoder_cross_keys_values(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, dtype=None):
+        """Runs the encoder once, its token rows in `dtype`: per decoder layer, the cross-attention keys and
+        values [B, H, T, D]."""
+        return self.decoder.cross_keys_values(self.encode(input_ids, attention_mask, dtype))
 
     def decode(self, tokens: jax.Array, cache: EncoderDecoderCache) -> tuple[jax.Array, KVBlock]:
         """tokens [B, K] int32 at `cache.lengths` -> (logits [B, K, V] float32, their self-attention keys and
         values to write in); the cache is only read."""
         batch, width = tokens.shape
         positions, _, mask = decoder_positions_and_mask(batch, width, cache.self_attn)
-        h, keys, values = self.decoder(self._embed(self.decoder, tokens), positions, mask, cache.self_attn,
+        # The CPU decode loop may keep a bfloat16 table for the output layer while it computes in the cache's
+        # float32 (FAMILY.output_table).
+        embedded = self._embed(self.decoder, tokens, cache.self_attn.dtype)
+        h, keys, values = self.decoder(embedded, positions, mask, cache.self_attn,
                                        cache.cross_keys, cache.cross_values, key_mask(cache.encoder_mask, width))
         return self._logits(h), kv_block(cache.self_attn, keys, values)
 
@@ -307,6 +315,13 @@ class BartForConditionalGeneration(nn.Module):
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
+
+
+def _output_table(config: BartConfig) -> tuple[str, ...] | None:
+    """The path of the token table that the tied LM head reads (`_logits`); None for an untied head."""
+    if not config.tie_word_embeddings:
+        return None
+    return ("shared", "embedding") if config.shares_all_embeddings else ("decoder", "embed_tokens", "embedding")
 
 
 def init_cache(config: BartConfig, batch: int, capacity: int, dtype=jnp.float32) -> EncoderDecoderCache:
@@ -362,4 +377,5 @@ FAMILY = ModelFamily(
     axis_sizes=axis_sizes,
     param_axes=PARAM_AXES,
     encode_into_cache=encode_into_cache,
+    output_table=_output_table,
 )

@@ -1,8 +1,10 @@
 """What the encoder-decoder families (T5, BART, Marian) share: the decoder cache that also holds the encoder's
 cross-attention keys/values, the encoder masks, and running the encoder once into that cache.
 
-A family's module provides `encoder_cross_keys_values(input_ids [B, T], encoder_mask [B, T])`, which runs the
-encoder and returns per decoder layer the cross-attention keys and values, head-major [B, H, T, D].
+A family's module provides `encoder_cross_keys_values(input_ids [B, T], encoder_mask [B, T], dtype)`, which runs the
+encoder with its token rows looked up in `dtype` and returns per decoder layer the cross-attention keys and
+values, head-major [B, H, T, D]. The rows' dtype is the cache's: the CPU decode loop may keep a bfloat16
+token table for the output layer while it computes in float32 (`ModelFamily.output_table`).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def encode_into_cache(module, params, input_ids: jax.Array, attention_mask: jax.
     """Runs the encoder over input_ids [B, T] (attention_mask [B, T], None for all real) and stores the
     cross-attention keys/values, in the cache's dtype, and the encoder mask in the cache."""
     mask = encoder_mask(input_ids, attention_mask)
-    keys, values = module.apply({"params": params}, input_ids, mask, method=module.encoder_cross_keys_values)
-    dtype = cache.self_attn.keys[0].dtype
+    dtype = cache.self_attn.dtype
+    keys, values = module.apply({"params": params}, input_ids, mask, dtype,
+                                method=module.encoder_cross_keys_values)
     return cache.replace(cross_keys=tuple(k.astype(dtype) for k in keys),
                          cross_values=tuple(v.astype(dtype) for v in values), encoder_mask=mask)

@@ -66,8 +66,8 @@ class ModelFamily:
       encoder once and keep what cross-attention needs in the cache; None for decoder-only ones.
     - `output_table(config)`: the Flax path of the embedding table used as the output layer
       (`layers.attend`) that the CPU decode loop may keep in bfloat16 (`model.for_decode_loop`): the module
-      must then give its looked-up rows in the cache's dtype. None: no such table, or one the loop converts
-      (T5's and BART's shared tables also feed the encoder, which runs without a cache to take the dtype of).
+      must then give its looked-up rows in the cache's dtype (an encoder too: `encode_into_cache` passes it).
+      None: no such table (an untied head).
     """
 
     model_types: tuple[str, ...]

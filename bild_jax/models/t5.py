@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from bild_jax import cpu_matmul
+from bild_jax.cpu_lookup import lookup
 from bild_jax.cache import KVBlock, KVCache
 from bild_jax.errors import InputError
 from bild_jax.models.encoder_decoder import (EncoderDecoderCache, empty_cache, encode_into_cache, encoder_mask,
@@ -298,24 +299,30 @@ class T5ForConditionalGeneration(nn.Module):
                                cross_values, key_mask(source_mask, width))
         return self._logits(h)
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Encoder output [B, T, d_model] of input_ids [B, T] int32; attention_mask [B, T] marks real tokens."""
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, dtype=None) -> jax.Array:
+        """Encoder output [B, T, d_model] of input_ids [B, T] int32; attention_mask [B, T] marks real tokens;
+        `dtype`: of the token rows (the table's when None)."""
         width = input_ids.shape[1]
         positions = jnp.arange(width, dtype=jnp.int32)[None, :]
         mask = key_mask(encoder_mask(input_ids, attention_mask), width)
-        h, _, _ = self.encoder(self.shared(input_ids), positions, positions, mask)
+        embedded = self.shared(input_ids) if dtype is None else lookup(self.shared, input_ids, dtype)
+        h, _, _ = self.encoder(embedded, positions, positions, mask)
         return h
 
-    def encoder_cross_keys_values(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
-        """Runs the encoder once: per decoder layer, the cross-attention keys and values [B, H, T, D]."""
-        return self.decoder.cross_keys_values(self.encode(input_ids, attention_mask))
+    def encoder_cross_keys_values(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, dtype=None):
+        """Runs the encoder once, its token rows in `dtype`: per decoder layer, the cross-attention keys and
+        values [B, H, T, D]."""
+        return self.decoder.cross_keys_values(self.encode(input_ids, attention_mask, dtype))
 
     def decode(self, tokens: jax.Array, cache: EncoderDecoderCache) -> tuple[jax.Array, KVBlock]:
         """tokens [B, K] int32 at `cache.lengths` -> (logits [B, K, V] float32, their self-attention keys and
         values to write in); the cache is only read."""
         batch, width = tokens.shape
         positions, key_positions, mask = decoder_positions_and_mask(batch, width, cache.self_attn)
-        h, keys, values = self.decoder(self.shared(tokens), positions, key_positions, mask, cache.self_attn,
+        # The CPU decode loop may keep a bfloat16 table for the output layer while it computes in the cache's
+        # float32 (FAMILY.output_table).
+        embedded = lookup(self.shared, tokens, cache.self_attn.dtype)
+        h, keys, values = self.decoder(embedded, positions, key_positions, mask, cache.self_attn,
                                        cache.cross_keys, cache.cross_values, key_mask(cache.encoder_mask, width))
         return self._logits(h), kv_block(cache.self_attn, keys, values)
 
@@ -371,4 +378,5 @@ FAMILY = ModelFamily(
     axis_sizes=axis_sizes,
     param_axes=PARAM_AXES,
     encode_into_cache=encode_into_cache,
+    output_table=lambda config: ("shared", "embedding") if config.tie_word_embeddings else None,
 )
