@@ -157,7 +157,7 @@ def _decode_loop(model: Model, tokens: jax.Array, cache, loop: int) -> jax.Array
         logits, cache = model.decode(tokens + feedback, cache)
         # A token derived from every row of the logits feeds the next call, so that XLA can neither hoist
         # work out of the loop nor drop the logits of the block's other tokens.
-        return cache.with_lengths(lengths), reductions.argmax(logits.max(axis=1))[:, None] % 2
+        return cache.with_lengths(lengths), reductions.argmax(logits).sum(axis=1, keepdims=True) % 2
 
     return lax.fori_loop(0, loop, body, (cache, jnp.zeros((tokens.shape[0], 1), jnp.int32)))[1]
 
