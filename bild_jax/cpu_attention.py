@@ -6,10 +6,11 @@ query's whole attention in one pass and visits its keys in position order, so a 
 the same in a one-token step and in a verification block (exact mode's guarantee).
 
 Used at trace time where it applies: float32 queries, keys and values, no soft-cap (Gemma 2's caps stay
-XLA's; T5's relative position bias is added in the kernel, after each dot product), blocks of at most `MAX_WIDTH` tokens (decode steps,
-verification blocks, and prompt passes of up to 64 tokens, where XLA's transposes, products and softmax
-each cost more than their arithmetic: the bundled large model's 64-token prompt pass took 0.86x the time in
-bfloat16, 0.90x in float32; longer prompts and training batches are compute-bound), one CPU device, the
+XLA's; T5's relative position bias is added in the kernel, after each dot product), blocks of at most
+`MAX_WIDTH` tokens (decode steps, verification blocks, and prompt passes of up to 64 tokens, where XLA's
+transposes, products and softmax each cost more than their arithmetic: the bundled large model's 64-token
+prompt pass took 0.86x the time in bfloat16, 0.90x in float32; longer prompts and training batches are
+compute-bound, and T5's biased encoder attention over 128-256 tokens measured slower), one CPU device, the
 kernels built (`native_library`). Differentiable: derivatives are those of `reference`.
 """
 

@@ -163,7 +163,8 @@ def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, ever
     from bild_jax.model import for_decode_loop, loop_copy_bytes
 
     model = {"llama": lambda: bild_pair("llama")[1], "llama-tied": lambda: bild_jax.load_model("bundled:small"),
-             "gpt2-tied": lambda: bild_pair("mixed")[0], "t5-tied": lambda: bild_jax.load_model("bundled:t5-small")}[kind]()
+             "gpt2-tied": lambda: bild_pair("mixed")[0],
+             "t5-tied": lambda: bild_jax.load_model("bundled:t5-small")}[kind]()
     half = model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
     widened = half.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), half.params))
     table = model.family.output_table(model.config)

@@ -161,7 +161,8 @@ void WeightedSum(const Visible& seen, int64_t dim, float* result) {
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::PRED> mask,
-                     ffi::Buffer<ffi::F32> bias, ffi::RemainingArgs segment_args, ffi::ResultBuffer<ffi::F32> out, float scale) {
+                     ffi::Buffer<ffi::F32> bias, ffi::RemainingArgs segment_args, ffi::ResultBuffer<ffi::F32> out,
+                     float scale) {
   auto qd = q.dimensions();
   auto md = mask.dimensions();
   if (qd.size() != 4 || md.size() != 3 || md[0] != qd[0] || md[1] != qd[1] || segment_args.size() < 2 ||
