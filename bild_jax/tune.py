@@ -75,7 +75,7 @@ def tune(small, large, prompts: list[list[int]], references: list[str] | None, d
 
 
 def recommend(result: dict, decode, max_rouge_loss: float, *, large_name: str = "", prompts_name: str = "",
-              max_new_tokens: int, small_dtype: str = "") -> tuple[PairProfile | None, dict | None]:
+              max_new_tokens: int, small_dtype: str) -> tuple[PairProfile | None, dict | None]:
     """(profile, spread) of a `tune` result's fastest grid point within `max_rouge_loss` ROUGE-L points of
     large-only; (None, None) when no point is. One sweep gives profiles for several allowed losses."""
     base = result["baseline"]

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_summarizer  # noqa: E402
 
 from bild_jax.demo import FAST_PROFILE_FILE  # noqa: E402
-from bild_jax.hub import load_model, load_tokenizer, resolve_model_dir  # noqa: E402
+from bild_jax.hub import SMALL_MODEL_DTYPE, load_model, load_tokenizer, resolve_model_dir  # noqa: E402
 from bild_jax.profile import PROFILE_FILE, write_profile  # noqa: E402
 from bild_jax.tune import recommend, tune  # noqa: E402
 
@@ -47,16 +47,18 @@ def main(argv=None) -> None:
     large = load_model(LARGE)
     for name in names:
         fallbacks, rollbacks = GRIDS[name]
-        result = tune(load_model(f"bundled:{name}"), large, prompts, references, decode, fallbacks=fallbacks,
-                      rollbacks=rollbacks, max_drafts=[10], max_new_tokens=MAX_NEW_TOKENS,
-                      sweep_dir=Path(f"runs/tune-{name}"), max_rouge_loss=QUALITY_LOSS, large_name=LARGE,
-                      prompts_name=str(train_summarizer.TUNE_SAMPLES))
+        # In the dtype the demo and the commands load small models in: the profile is for that decoding.
+        small = load_model(f"bundled:{name}", SMALL_MODEL_DTYPE)
+        result = tune(small, large, prompts, references, decode, fallbacks=fallbacks, rollbacks=rollbacks,
+                      max_drafts=[10], max_new_tokens=MAX_NEW_TOKENS, sweep_dir=Path(f"runs/tune-{name}"),
+                      max_rouge_loss=QUALITY_LOSS, large_name=LARGE, prompts_name=str(train_summarizer.TUNE_SAMPLES))
         print(f"{name}: large-only ROUGE-L {result['baseline']['rouge_l']:.1f} on {len(prompts)} inputs")
         directory = resolve_model_dir(f"bundled:{name}")
         written = None
         for loss, file in ((QUALITY_LOSS, PROFILE_FILE), (FAST_LOSS, FAST_PROFILE_FILE)):
             profile, spread = recommend(result, decode, loss, large_name=LARGE,
-                                        prompts_name=str(train_summarizer.TUNE_SAMPLES), max_new_tokens=MAX_NEW_TOKENS)
+                                        prompts_name=str(train_summarizer.TUNE_SAMPLES), max_new_tokens=MAX_NEW_TOKENS,
+                                        small_dtype=SMALL_MODEL_DTYPE)
             (directory / file).unlink(missing_ok=True)  # a profile of an earlier run must not outlive this one
             if profile is None:
                 print(f"  no point within {loss:g} ROUGE-L: no {file}")

@@ -154,17 +154,18 @@ def test_wide_products_widen_unpacked_bfloat16_weights_after_their_rows():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-tied", "gpt2-tied", "t5-tied"])
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "gpt2-tied", "t5-tied", "bart-tied"])
 def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, every_weight_native, kind):
-    """Llama (untied and tied), GPT-2 and T5 (tied; T5's table also feeds its encoder): the loop keeps the
-    Dense kernels and the output table in bfloat16 (at any number of rows), computes in float32 with the rows
-    of those products rounded to bfloat16, close to the model's float32 copy, and a one-token step gives the
-    prompt pass's logits."""
+    """Llama (untied and tied), GPT-2, T5 and BART (tied; T5's and BART's table also feeds the encoder): the
+    loop keeps the Dense kernels and the output table in bfloat16 (at any number of rows), computes in float32
+    with the rows of those products rounded to bfloat16, close to the model's float32 copy, and a one-token
+    step gives the prompt pass's logits."""
     from bild_jax.model import for_decode_loop, loop_copy_bytes
 
     model = {"llama": lambda: bild_pair("llama")[1], "llama-tied": lambda: bild_jax.load_model("bundled:small"),
              "gpt2-tied": lambda: bild_pair("mixed")[0],
-             "t5-tied": lambda: bild_jax.load_model("bundled:t5-small")}[kind]()
+             "t5-tied": lambda: bild_jax.load_model("bundled:t5-small"),
+             "bart-tied": lambda: bild_pair("bart")[1]}[kind]()
     half = model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
     widened = half.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), half.params))
     table = model.family.output_table(model.config)
@@ -185,6 +186,16 @@ def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, ever
 
     source = jnp.asarray([[4, 6, 8, 10, 12, 14]])
     encoder = dict(encoder_input_ids=source, encoder_mask=source > 0) if model.is_encoder_decoder else {}
+    if model.is_encoder_decoder:  # the encoder reads the kept table's rows in float32, as from a float32 copy
+        kept = for_decode_loop(half, rows=4)
+        copied = jax.tree_util.tree_map(lambda x: x, kept.params,
+                                        is_leaf=lambda p: isinstance(p, cpu_matmul.PanelKernel))
+        node = copied
+        for key in table[:-1]:
+            node = node[key]
+        node[table[-1]] = node[table[-1]].astype(jnp.float32)
+        cross_keys = [m.start_cache(1, 16, **encoder).cross_keys[0] for m in (kept, kept.replace(params=copied))]
+        np.testing.assert_array_equal(*map(np.asarray, cross_keys))
 
     def prompt_pass(model, prompts):  # -> (logits [1, V] after the last token, cache)
         cache = model.start_cache(1, 16, **encoder)

@@ -95,9 +95,11 @@ def test_one_sweep_gives_a_profile_per_allowed_loss():
     result = {"rows": rows, "baseline": {"rouge_l": 100.0}, "runs": runs, "references": references,
               "with_references": True}
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-    quality, _ = recommend(result, decode, 1.0, max_new_tokens=8)
-    fast, spread = recommend(result, decode, 30.0, max_new_tokens=8)
+    quality, _ = recommend(result, decode, 1.0, max_new_tokens=8, small_dtype="bfloat16")
+    fast, spread = recommend(result, decode, 30.0, max_new_tokens=8, small_dtype="bfloat16")
     assert (quality.fallback_threshold, quality.speedup) == (0.6, 2.0)
     assert (fast.fallback_threshold, fast.speedup, fast.quality["max_loss"]) == (0.3, 3.0, 30.0)
     assert fast.quality["reference"] == "continuations" and spread["speedup"][0] >= 2.0
-    assert recommend({**result, "rows": rows[1:]}, decode, 1.0, max_new_tokens=8) == (None, None)
+    assert fast.measured_on["small_dtype"] == "bfloat16"
+    assert recommend({**result, "rows": rows[1:]}, decode, 1.0, max_new_tokens=8,
+                     small_dtype="bfloat16") == (None, None)
