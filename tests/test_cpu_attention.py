@@ -1,5 +1,6 @@
 """The native CPU kernel for decode-step attention: values (with and without a position bias), a token's output
-bitwise the same in a step and in a block, gradients, and when it is used."""
+bitwise the same in a step and in a block, gradients, and when it is used; XLA's attention in both score
+layouts."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from bild_jax import cpu_attention, native_library
 from bild_jax.cache import attended_positions
 from bild_jax.models import layers
 
-pytestmark = pytest.mark.skipif(not native_library.available(), reason="no C++ compiler for the native kernels")
+native = pytest.mark.skipif(not native_library.available(), reason="no C++ compiler for the native kernels")
 
 B, H, HKV, D, S = 2, 6, 2, 40, 37  # D not a multiple of the kernel's 16 lanes
 SCALE = D ** -0.5
@@ -43,11 +44,13 @@ def _position_bias(lengths, width: int) -> jax.Array:
     return jnp.sin(distance[:, None] * jnp.arange(1, H + 1, dtype=jnp.float32)[None, :, None, None] / 7.0)
 
 
-def _float64_reference(query, keys, values, mask, bias=None) -> np.ndarray:
+def _float64_reference(query, keys, values, mask, bias=None, score_cap=None) -> np.ndarray:
     q = np.asarray(query, np.float64)
     k = np.concatenate([np.asarray(x, np.float64) for x in keys], axis=2).repeat(H // HKV, axis=1)
     v = np.concatenate([np.asarray(x, np.float64) for x in values], axis=2).repeat(H // HKV, axis=1)
     scores = np.einsum("bkhd,bhsd->bhks", q, k) * q.shape[-1] ** -0.5
+    if score_cap is not None:
+        scores = score_cap * np.tanh(scores / score_cap)
     if bias is not None:
         scores = scores + np.asarray(bias, np.float64)
     scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
@@ -57,12 +60,14 @@ def _float64_reference(query, keys, values, mask, bias=None) -> np.ndarray:
 
 
 # 64 queries: a prompt pass, split between threads; 80 dimensions: more than the 64 summed in registers at once.
+@native
 @pytest.mark.parametrize("width, dim", [(1, D), (5, D), (cpu_attention.MAX_WIDTH, 80)])
 def test_matches_float64_attention(width, dim):
     block = _block(width, [0, 30], dim=dim)  # a row with an empty cache sees only its block
     np.testing.assert_allclose(_native(*block), _float64_reference(*block), rtol=1e-5, atol=1e-5)
 
 
+@native
 def test_a_position_bias_is_added_to_the_scores():
     query, keys, values, mask = _block(5, [3, 30])
     bias = _position_bias([3, 30], 5)
@@ -71,6 +76,7 @@ def test_a_position_bias_is_added_to_the_scores():
                                    _float64_reference(query, keys, values, mask, shared), rtol=1e-5, atol=1e-5)
 
 
+@native
 @pytest.mark.parametrize("biased", [False, True])
 def test_token_in_a_block_equals_its_one_token_step_bitwise(biased):
     query, keys, values, mask = _block(4, [9, 30])
@@ -88,6 +94,7 @@ def test_token_in_a_block_equals_its_one_token_step_bitwise(biased):
     assert (np.asarray(step[:, 0]) == np.asarray(in_block[:, 3])).all()
 
 
+@native
 def test_sliding_window_mask_and_a_query_that_sees_nothing():
     query, keys, values, mask = _block(3, [20, 30])
     positions, key_positions = jnp.asarray([[20, 21, 22], [30, 31, 32]]), attended_positions(
@@ -99,6 +106,7 @@ def test_sliding_window_mask_and_a_query_that_sees_nothing():
     assert (np.asarray(_native(query, keys, values, blind))[0, 1] == 0).all()
 
 
+@native
 def test_gradients_are_xla_attentions():
     query, keys, values, mask = _block(2, [5, 11])
     bias = _position_bias([5, 11], 2)
@@ -112,6 +120,7 @@ def test_gradients_are_xla_attentions():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@native
 def test_xla_keeps_wide_half_precision_and_capped_attention():
     query, keys, values, mask = _block(2, [5, 11])
     assert not cpu_attention.applies(query, keys, values, cpu_attention.MAX_WIDTH + 1)
@@ -125,3 +134,15 @@ def test_xla_keeps_wide_half_precision_and_capped_attention():
     assert "custom_jvp_call" in primitives(scale=SCALE)
     assert "custom_jvp_call" not in primitives(scale=SCALE, score_cap=50.0)
     assert "custom_jvp_call" in primitives(scale=SCALE, bias=jnp.zeros((1, H, 2, S + 2)))
+
+
+# Every block query-major (a prompt pass's layout), or every one key-major (a decode step's).
+@pytest.mark.parametrize("query_major_width", [0, 1 << 20])
+def test_xla_attention_in_either_score_layout(monkeypatch, query_major_width):
+    monkeypatch.setattr(layers, "QUERY_MAJOR_WIDTH", query_major_width)
+    query, keys, values, mask = _block(5, [3, 30])
+    bias = _position_bias([3, 30], 5)
+    for shared, cap in ((bias, None), (bias[:1], None), (None, 2.0)):
+        got = layers._xla_attention(query, keys, values, mask, shared, SCALE, cap)
+        np.testing.assert_allclose(got, _float64_reference(query, keys, values, mask, shared, cap),
+                                   rtol=1e-5, atol=1e-5)
