@@ -41,6 +41,7 @@ from bild_jax import native_library
 
 MIN_WEIGHT_BYTES = 128 * 1024
 MAX_ROWS = 64
+MIN_AMX_ROWS = 16
 # weight dtype -> FFI target of the transposed product (`native_library.TARGETS`); `bild_matmul` takes either.
 _TRANSPOSED_TARGETS = {"float32": "bild_matmul_transposed", "bfloat16": "bild_matmul_transposed_bf16"}
 
@@ -54,6 +55,8 @@ class PanelKernel:
 
     dense: jax.Array
     panels: jax.Array
+    # Set by `model.for_prompt_pass`: a bfloat16 kernel's products of many rows may go to XLA's dot.
+    in_prompt_pass: bool = struct.field(pytree_node=False, default=False)
 
     shape = property(lambda self: self.dense.shape)
     dtype = property(lambda self: self.dense.dtype)
@@ -87,14 +90,12 @@ def dense_dot_general(lhs: jax.Array, rhs, dimension_numbers, precision=None,
                       preferred_element_type=None) -> jax.Array:
     """`lax.dot_general` for `nn.Dense(dot_general=...)`: x [..., K] @ kernel [K, N] through the native
     kernel where `native_applies` (a `PanelKernel`), else XLA's dot (a bfloat16 kernel meeting float32 rows:
-    `widened`)."""
+    `_xla_product`)."""
     dense = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
     if (dense and preferred_element_type in (None, jnp.float32) and isinstance(rhs, PanelKernel)
             and native_applies(lhs, rhs)):
         return _native_products(lhs, rhs)[0]
-    lhs, rhs = widened(lhs, dense_kernel(rhs))
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type)
+    return _xla_product(lhs, dense_kernel(rhs), dimension_numbers, precision, preferred_element_type)
 
 
 def dense_products(x: jax.Array, kernels: Sequence[jax.Array]) -> list[jax.Array]:
@@ -124,20 +125,34 @@ def attend(table: jax.Array, x: jax.Array) -> jax.Array:
     `nn.Embed.attend` computes, with both operands promoted to one dtype)."""
     if native_applies(x, table):
         return _native_transposed(x, table)
-    x, table = widened(x, table)
-    return jnp.dot(x, table.T)
+    return _xla_product(x, table, (((x.ndim - 1,), (1,)), ((), ())))
 
 
-def widened(rows: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(rows, weight) in their promoted dtype, for XLA's dot. A bfloat16 weight meeting float32 rows on one
-    CPU device with the native kernels takes the rows rounded as the kernel rounds them (`bfloat16_rows`),
-    and is widened by the native `bild_widen_after`, which XLA orders after the rows: a plain convert would
-    run at the start of the program for every layer at once (`native/widen.cc`)."""
+def _xla_product(rows: jax.Array, weight: jax.Array, dimension_numbers, precision=None,
+                 preferred_element_type=None) -> jax.Array:
+    """XLA's dot of rows with a weight, in their promoted dtype. A bfloat16 weight meeting float32 rows on
+    one CPU device with the native kernels takes the rows rounded as the kernel rounds them: a bfloat16 dot
+    summing in float32 where `xla_bfloat16_products` says it is fast, else rows rounded to float32 values
+    (`bfloat16_rows`) times the weight widened by the native `bild_widen_after`, which XLA orders after the
+    rows (a plain convert would run at the start of the program for every layer at once, `native/widen.cc`);
+    the two compute the same exact products."""
     dtype = jnp.promote_types(rows.dtype, weight.dtype)
     if (rows.dtype == jnp.float32 and weight.dtype == jnp.bfloat16 and native_library.on_cpu_device()
             and native_library.available()):
-        return bfloat16_rows(rows), _widen_after(rows, weight)
-    return rows.astype(dtype), weight.astype(dtype)
+        if xla_bfloat16_products(math.prod(rows.shape[:-1])):
+            return lax.dot_general(rows.astype(jnp.bfloat16), weight, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type or jnp.float32)
+        rows, weight = bfloat16_rows(rows), _widen_after(rows, weight)
+    return lax.dot_general(rows.astype(dtype), weight.astype(dtype), dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+def xla_bfloat16_products(rows: int) -> bool:
+    """Whether XLA's dot multiplies `rows` rows (rounded to bfloat16) by a bfloat16 weight faster than the
+    native kernel: at least `MIN_AMX_ROWS` rows on a CPU with AMX (`native_library.has_amx`), where it took
+    0.3-0.8x the kernel's time at 16 rows and 0.14-0.5x at 32-256 (the bundled models' kernels, 2-core Xeon;
+    0.4-1.25x at 8 rows, 1.1-10x at one). Prompt passes only (`model.for_prompt_pass`)."""
+    return rows >= MIN_AMX_ROWS and native_library.has_amx()
 
 
 @jax.custom_jvp
@@ -167,16 +182,25 @@ def _widen_after_jvp(primals, tangents):
 def native_applies(x: jax.Array, weight) -> bool:
     """Whether x [..., K] times the 2-D `weight` (a `PanelKernel`, or a tied table [V, K] used transposed)
     runs in the native kernel (static: shapes, dtypes, backend)."""
-    return x.dtype == jnp.float32 and weight.ndim == 2 and native_reads(weight, math.prod(x.shape[:-1]))
+    rows = math.prod(x.shape[:-1])
+    return (x.dtype == jnp.float32 and weight.ndim == 2 and native_reads(weight, rows)
+            and not _to_xla_in_prompt_pass(weight, rows))
 
 
 def native_applies_group(x: jax.Array, kernels: Sequence[jax.Array]) -> bool:
     """Whether x [..., K] times every kernel [K, N_i] runs in one native call: `PanelKernel`s of one dtype,
     float32 ones together weighing at least `MIN_WEIGHT_BYTES` (kernels of mixed dtypes go one by one)."""
+    rows = math.prod(x.shape[:-1])
     if (x.dtype != jnp.float32 or len({k.dtype for k in kernels}) != 1
-            or not all(isinstance(k, PanelKernel) for k in kernels)):
+            or not all(isinstance(k, PanelKernel) for k in kernels)
+            or any(_to_xla_in_prompt_pass(k, rows) for k in kernels)):
         return False
-    return native_reads(kernels[0], math.prod(x.shape[:-1]), sum(4 * k.size for k in kernels))
+    return native_reads(kernels[0], rows, sum(4 * k.size for k in kernels))
+
+
+def _to_xla_in_prompt_pass(weight, rows: int) -> bool:
+    return (isinstance(weight, PanelKernel) and weight.in_prompt_pass and weight.dtype == jnp.bfloat16
+            and xla_bfloat16_products(rows))
 
 
 def native_reads(weight: jax.Array, rows: int, group_bytes: int | None = None) -> bool:

@@ -126,6 +126,25 @@ def for_decode_loop(model: Model, rows: int) -> Model:
     return with_panels(model)
 
 
+def for_prompt_pass(model: Model, rows: int) -> Model:
+    """The decode loop's model (`for_decode_loop`) as a prompt pass of `rows` token rows should hold it.
+
+    Where XLA's dot multiplies many rows by a bfloat16 weight faster than the native kernel
+    (`cpu_matmul.xla_bfloat16_products`: CPUs with AMX, products of 16 rows or more), the pass's bfloat16
+    Dense kernels let it (`PanelKernel.in_prompt_pass`): the same exact products, summed in another order.
+    Passes inside the loop keep the native kernel at any width, so that a verification block's logits equal
+    those of one-token steps bitwise; a prompt pass is the same computation in every decode function, so
+    their outputs still agree (exact mode is the large model's greedy output).
+    """
+    if not cpu_matmul.xla_bfloat16_products(rows):
+        return model
+
+    def mark(param):
+        return param.replace(in_prompt_pass=True) if _is_panel_kernel(param) else param
+
+    return model.replace(params=jax.tree_util.tree_map(mark, model.params, is_leaf=_is_panel_kernel))
+
+
 def with_panels(model: Model) -> Model:
     """The model with every Dense kernel (layers.Dense names it "kernel") that the native products can read
     (`cpu_matmul.packable`) held as a `cpu_matmul.PanelKernel`: its [K, N] values and their panel-major copy

@@ -42,6 +42,13 @@ def on_cpu_device() -> bool:
 
 
 @functools.cache
+def has_amx() -> bool:
+    """Whether the CPU multiplies bfloat16 matrices in AMX tiles (Linux flag `amx_bf16`), which XLA's dot
+    uses: a [256, 256] x [256, 3072] product took 0.24x the float32 time on a 2-core Xeon."""
+    return "amx_bf16" in _cpu_flags().split()
+
+
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels with their FFI targets registered, or None (with one warning) if they cannot be
     built."""

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bild_jax.errors import InputError
-from bild_jax.model import Model
+from bild_jax.model import Model, for_prompt_pass
 
 MIN_BUCKET = 8
 MAX_EOS_IDS = 8
@@ -134,11 +134,12 @@ def prefill(model: Model, prompts: jax.Array, prompt_lengths: jax.Array, capacit
     encoder and the decoder starts from `decoder_start_token_id`.
     """
     batch, width = prompts.shape
+    prompt_pass = for_prompt_pass(model, batch * width)
     if model.is_encoder_decoder:
         encoder_mask = jnp.arange(width)[None, :] < prompt_lengths[:, None]
-        cache = model.start_cache(batch, capacity, prompts, encoder_mask)
+        cache = prompt_pass.start_cache(batch, capacity, prompts, encoder_mask)
         start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
         logits, cache = model.decode(start, cache)
         return logits[:, 0], cache
-    logits, cache = model.decode_prompt(prompts, prompt_lengths, model.start_cache(batch, capacity))
+    logits, cache = prompt_pass.decode_prompt(prompts, prompt_lengths, model.start_cache(batch, capacity))
     return logits, cache.with_lengths(prompt_lengths)

@@ -4,6 +4,7 @@ used, and models decoding through it."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -135,10 +136,11 @@ def test_bfloat16_weights_take_their_rows_rounded_to_bfloat16(transposed):
                                    atol=1e-4)
 
 
-def test_wide_products_widen_unpacked_bfloat16_weights_after_their_rows():
+def test_wide_products_widen_unpacked_bfloat16_weights_after_their_rows(monkeypatch):
     # XLA's dot on an unpacked bfloat16 kernel reads a float32 copy, made by `bild_widen_after` once the rows
     # exist, and the rows rounded to bfloat16: the values of a convert, and its derivatives (the rounding
-    # passes them through).
+    # passes them through). On a CPU without AMX; with it, XLA's bfloat16 dot (the test below).
+    monkeypatch.setattr(native_library, "has_amx", lambda: False)
     x, w = _operands(cpu_matmul.MAX_ROWS + 1, seed=3)
     half = jnp.asarray(w, jnp.bfloat16)
     def chain(product):  # the second widening needs the first product
@@ -326,6 +328,47 @@ def test_models_decode_through_the_kernel(every_weight_native, bild_pair, kind):
         out = bild_generate(small, large, [row], config)
         greedy = bild_jax.greedy_generate(large, [row], max_new_tokens=12, eos_token_id=[])
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
+
+
+@pytest.fixture
+def amx(monkeypatch):
+    """XLA's bfloat16 dot taken as fast (`native_library.has_amx`) on any CPU; programs traced without it are
+    dropped."""
+    monkeypatch.setattr(native_library, "has_amx", lambda: True)
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_prompt_passes_take_xla_s_bfloat16_dot_on_amx_cpus(amx, monkeypatch, bild_pair, kind):
+    """A bfloat16 model's prompt pass of 16 rows or more goes to XLA's bfloat16 dot where AMX makes it fast:
+    the same exact products summed in float32 (logits close to the kernel's), and exact mode is still the
+    large model's greedy output."""
+    from bild_jax.model import for_decode_loop
+    from bild_jax.prompts import prefill
+
+    small, large = (m.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), m.params))
+                    for m in bild_pair(kind))
+    loop = for_decode_loop(with_panels(large), rows=4)
+    prompts = jnp.asarray(np.random.default_rng(0).integers(3, large.vocab_size, (1, 16)), jnp.int32)
+    lengths = jnp.asarray([16], jnp.int32)
+
+    def first_logits():  # a new function each time: jax keeps one trace per function
+        return lambda model, prompts: prefill(model, prompts, lengths, 24)[0]
+
+    bfloat16_dot = r"stablehlo\.dot_general[^\n]*\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> tensor<[^>]*f32>"
+    assert re.search(bfloat16_dot, _lowered(first_logits(), loop, prompts))
+    with_xla = np.asarray(jax.jit(first_logits())(loop, prompts))
+    monkeypatch.setattr(native_library, "has_amx", lambda: False)
+    assert not re.search(bfloat16_dot, _lowered(first_logits(), loop, prompts))
+    with_kernel = np.asarray(jax.jit(first_logits())(loop, prompts))
+    np.testing.assert_allclose(with_xla, with_kernel, rtol=0, atol=1e-4 * np.abs(with_kernel).max())
+    monkeypatch.setattr(native_library, "has_amx", lambda: True)
+
+    greedy = bild_jax.greedy_generate(large, prompts, max_new_tokens=8)
+    exact = bild_generate(small, large, prompts, BiLDConfig(max_new_tokens=8, exact=True))
+    np.testing.assert_array_equal(np.asarray(exact.tokens), np.asarray(greedy.tokens))
 
 
 def test_panel_copies_are_made_once_per_model_and_counted_as_memory(bild_pair):
