@@ -23,7 +23,9 @@ CPUs with AVX512-BF16 do twice the multiply-adds per instruction of float32 FMAs
 harness of the bundled large model's shapes: 2x the widening tiles' speed for 4 to 64 rows, 1.5x for one).
 XLA's dot, where it meets such a weight on the same terms (an unpacked kernel, T5's cross-attention
 projections), rounds the rows too, so a model computes one function whichever path a product takes; without
-the native kernels (or on several devices) a bfloat16 weight is widened and meets float32 rows.
+the native kernels (or on several devices) a bfloat16 weight is widened and meets float32 rows. On CPUs with
+AMX, XLA's bfloat16 dot is the faster one for many rows, and prompt passes give it theirs
+(`xla_bfloat16_products`, `model.for_prompt_pass`).
 """
 
 from __future__ import annotations
