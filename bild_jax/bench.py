@@ -603,7 +603,7 @@ def print_report(result: dict, console: Console | None = None) -> None:
          "GB/s", "of copy bw"], rows))
     if any(m["dtype"] != m["compute_dtype"] for m in result["models"].values()):
         console.print("XLA:CPU has no fast half-precision dot for a step's few rows: the decode loops (and these "
-                      "timings) compute in float32, the native kernel reading the bfloat16 weights")
+                      "timings) compute in float32, the native kernel (where built) reading the bfloat16 weights")
     console.print(f"large / small step: {result['large_over_small_step']:.1f}x; copy bandwidth "
                   f"{result['copy_bandwidth_gb_s']:.1f} GB/s (read + write of {_bytes(result['copy_buffer_bytes'])})")
 

@@ -137,7 +137,7 @@ def _xla_product(rows: jax.Array, weight: jax.Array, dimension_numbers, precisio
     summing in float32 where `xla_bfloat16_products` says it is fast, else rows rounded to float32 values
     (`bfloat16_rows`) times the weight widened by the native `bild_widen_after`, which XLA orders after the
     rows (a plain convert would run at the start of the program for every layer at once, `native/widen.cc`);
-    the two compute the same exact products."""
+    the two compute the same exact products (the bfloat16 dot's derivatives for the rows are bfloat16)."""
     dtype = jnp.promote_types(rows.dtype, weight.dtype)
     if (rows.dtype == jnp.float32 and weight.dtype == jnp.bfloat16 and native_library.on_cpu_device()
             and native_library.available()):
@@ -153,7 +153,9 @@ def xla_bfloat16_products(rows: int) -> bool:
     """Whether XLA's dot multiplies `rows` rows (rounded to bfloat16) by a bfloat16 weight faster than the
     native kernel: at least `MIN_AMX_ROWS` rows on a CPU with AMX (`native_library.has_amx`), where it took
     0.3-0.8x the kernel's time at 16 rows and 0.14-0.5x at 32-256 (the bundled models' kernels, 2-core Xeon;
-    0.4-1.25x at 8 rows, 1.1-10x at one). Prompt passes only (`model.for_prompt_pass`)."""
+    0.4-1.25x at 8 rows, 1.1-10x at one). Unpacked bfloat16 weights take it wherever this holds (T5's
+    cross-attention projections, a model outside the decode loop); `PanelKernel`s only in prompt passes
+    (`model.for_prompt_pass`), so that the decode loop's blocks still equal its steps bitwise."""
     return rows >= MIN_AMX_ROWS and native_library.has_amx()
 
 
