@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 
@@ -143,10 +144,11 @@ def sample_generate(model: Model, input_ids, max_new_tokens: int, rng: jax.Array
 
 
 def prepare_inputs(models: Sequence[Model], input_ids, max_new_tokens: int, attention_mask, mesh
-                   ) -> tuple[tuple[Model, ...], jax.Array, jax.Array]:
+                   ) -> tuple[tuple[Model, ...], np.ndarray | jax.Array, np.ndarray | jax.Array]:
     """Checked input of every generate entry point: (models, prompts [B, T] int32, prompt_lengths [B] int32),
-    placed on the mesh. The first model lays out the batch; every model must fit prompt + new tokens. Each
-    entry point then checks the memory a decode needs and gives its jit the models `with_panels`."""
+    placed on the mesh (host arrays without one: see `distribute`). The first model lays out the batch;
+    every model must fit prompt + new tokens. Each entry point then checks the memory a decode needs and
+    gives its jit the models `with_panels`."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     prompts, prompt_lengths = prepare_prompts(input_ids, attention_mask, models[0].vocab_size)

@@ -51,16 +51,16 @@ def model_needs(model: Model, name: str, batch: int, prompt_width: int, capacity
     return held, transient
 
 
-def check_generate_fits(model: Model, prompts: jax.Array, max_new_tokens: int) -> None:
+def check_generate_fits(model: Model, prompts: np.ndarray | jax.Array, max_new_tokens: int) -> None:
     """InputError unless one-model decoding of prompts [B, T] (cache `decoder_capacity`, one-token steps,
     tokens [B, N] int32) fits on the prompts' devices."""
     batch, width = prompts.shape
     held, transient = model_needs(model, "", batch, width, decoder_capacity(model, width, max_new_tokens), 1, "")
     held.append(Need("the output tokens", "max_new_tokens", 4 * batch * max_new_tokens))
-    check_fits(held, transient, list(prompts.devices()))
+    check_fits(held, transient, _devices(prompts))
 
 
-def check_bild_fits(small: Model, large: Model, prompts: jax.Array, capacities: tuple[int, int],
+def check_bild_fits(small: Model, large: Model, prompts: np.ndarray | jax.Array, capacities: tuple[int, int],
                     max_new_tokens: int, max_draft: int) -> None:
     """InputError unless BiLD decoding of prompts [B, T] fits on the prompts' devices: both caches
     (`capacities`: small, large), the draft-logit ring [B, max_draft, V] float32, the outputs [B, N] int32 +
@@ -71,20 +71,26 @@ def check_bild_fits(small: Model, large: Model, prompts: jax.Array, capacities: 
     ring = Need("the draft-logit ring", "max_draft", 4 * batch * max_draft * large.vocab_size)
     outputs = Need("the output tokens", "max_new_tokens", 5 * batch * max_new_tokens)
     check_fits([*small_held, *large_held, ring, outputs], [*small_transient, *large_transient],
-               list(prompts.devices()))
+               _devices(prompts))
+
+
+def _devices(prompts) -> list | None:
+    """The devices a decode of `prompts` runs on: a sharded array's, None (the default device) for host
+    arrays."""
+    return list(prompts.devices()) if isinstance(prompts, jax.Array) else None
 
 
 def check_fits(held: Sequence[Need], transient: Sequence[Need], devices: Sequence | None = None) -> None:
     """InputError naming the largest part and its setting when held + the largest transient need exceed the
     memory available on `devices` (default: the first device); nothing when it fits or is unknown."""
     devices = list(devices or jax.devices()[:1])
-    available = available_bytes(devices)
-    if available is None:
-        return
     peak = max(transient, key=lambda need: need.nbytes, default=None)
     parts = [*held, *([peak] if peak else [])]
     total = sum(need.nbytes for need in parts)
-    if total <= available:
+    if all(device.platform == "cpu" for device in devices) and total <= _half_of_free_host_memory():
+        return
+    available = available_bytes(devices)
+    if available is None or total <= available:
         return
     largest = max(parts, key=lambda need: need.nbytes)
     raise InputError(f"this decode needs about {_gb(total)} ({largest.what}: {_gb(largest.nbytes)}) but "
@@ -115,6 +121,16 @@ def host_available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _half_of_free_host_memory() -> int:
+    """Half the host's free memory (MemFree, which leaves out the reclaimable caches that MemAvailable counts),
+    0 if unknown: what a CPU decode surely fits in. One system call, where reading /proc/meminfo costs
+    ~0.3 ms right after a decode ran, on every generate call."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _memory_stats(device) -> dict | None:

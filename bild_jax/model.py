@@ -45,8 +45,11 @@ class Model:
     def dtype(self):
         """The dtype it computes in: its params', the widest where they mix (the CPU decode loop keeps some
         bfloat16 weights of a model it runs in float32)."""
-        dtypes = {param.dtype for param in jax.tree_util.tree_leaves(self.params)}
-        return functools.reduce(jnp.promote_types, dtypes)
+        def widest():
+            dtypes = {param.dtype for param in jax.tree_util.tree_leaves(self.params)}
+            return functools.reduce(jnp.promote_types, dtypes)
+
+        return _remembered(self, "dtype", widest)
 
     @property
     def vocab_size(self) -> int:
@@ -157,8 +160,6 @@ def with_panels(model: Model) -> Model:
     def packed() -> Model:
         return model.replace(params=jax.tree_util.tree_map_with_path(pack, model.params, is_leaf=_is_panel_kernel))
 
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(model.params)):
-        return packed()
     return _remembered(model, "with_panels", packed)
 
 
@@ -177,13 +178,17 @@ _REMEMBERED: dict[int, dict] = {}
 
 def _remembered(model: Model, key, compute):
     """compute(), once per live model and key: what depends only on a model object and the process (its
-    panel-major copy, the bytes of its loop copies), which the generate functions need on every call."""
+    dtype, panel-major copy, the bytes of its loop copies), which the generate functions need on every call
+    (a generate call's host time is part of its latency). A model traced inside a jit is computed afresh."""
     memo = _REMEMBERED.get(id(model))
+    if memo is not None and key in memo:
+        return memo[key]
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(model.params)):
+        return compute()
     if memo is None:
         memo = _REMEMBERED[id(model)] = {}
         weakref.finalize(model, _REMEMBERED.pop, id(model), None)
-    if key not in memo:
-        memo[key] = compute()
+    memo[key] = compute()
     return memo[key]
 
 

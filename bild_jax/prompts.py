@@ -39,9 +39,10 @@ def prepare_prompts(input_ids, attention_mask=None, vocab_size: int | None = Non
     for i, row in enumerate(rows):
         ids[i, :len(row)] = row
     if vocab_size is not None:
-        bad = [int(t) for row in rows for t in row if not 0 <= t < vocab_size]
-        if bad:
-            raise InputError(f"token ids {sorted(set(bad))[:10]} are outside the vocabulary [0, {vocab_size})")
+        values = np.concatenate(rows)
+        bad = np.unique(values[(values < 0) | (values >= vocab_size)])
+        if bad.size:
+            raise InputError(f"token ids {bad[:10].tolist()} are outside the vocabulary [0, {vocab_size})")
     return ids, lengths
 
 
@@ -75,7 +76,7 @@ def _integer_row(row, index: int) -> np.ndarray:
     if values.size == 0:
         return values.astype(np.int64).reshape(-1)
     # numpy turns [True, 1] into integers; a bool is never a token id.
-    bools = isinstance(row, (list, tuple)) and any(isinstance(t, (bool, np.bool_)) for t in row)
+    bools = isinstance(row, (list, tuple)) and not {bool, np.bool_}.isdisjoint(map(type, row))
     if bools or values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
         raise InputError(f"prompt {index} must hold integer token ids, got {str(row)[:60]} ({values.dtype})")
     return values.astype(np.int64).reshape(-1)

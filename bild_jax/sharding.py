@@ -18,7 +18,6 @@ import warnings
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -164,10 +163,11 @@ def shard_params(model: Model, mesh: Mesh | Mapping[str, int], rules: ShardingRu
 
 
 def distribute(mesh: Mesh | Mapping[str, int] | None, models: Sequence[Model],
-               batch: Sequence) -> tuple[tuple[Model, ...], tuple[jax.Array, ...]]:
+               batch: Sequence) -> tuple[tuple[Model, ...], tuple[np.ndarray | jax.Array, ...]]:
     """What `greedy_generate` / `bild_generate` run on: (models, batch arrays [B, ...]) placed on a mesh.
 
-    mesh None and no model sharded: unchanged (arrays on the default device). Otherwise models keep their
+    mesh None and no model sharded: unchanged, the arrays left on the host (the jitted call puts them on
+    the default device as it starts, which costs less than an eager transfer). Otherwise models keep their
     own sharding (made with `shard_params`, which must be on this mesh) or get `TENSOR_PARALLEL`, and the
     arrays are split by rows over the first model's batch axis (replicated, with a warning, when it does
     not divide B).
@@ -175,7 +175,7 @@ def distribute(mesh: Mesh | Mapping[str, int] | None, models: Sequence[Model],
     meshes = {model.sharding.mesh for model in models if model.sharding is not None}
     if mesh is None:
         if not meshes:
-            return tuple(models), tuple(jnp.asarray(x) for x in batch)
+            return tuple(models), tuple(np.asarray(x) for x in batch)
         if len(meshes) > 1:
             raise InputError("the models are sharded over different meshes; shard them over one")
         mesh = meshes.pop()
