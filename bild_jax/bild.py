@@ -351,10 +351,14 @@ def commit_large(state: DecodeState, needs_large: jax.Array, result: LargePass) 
     new_large_seen = jnp.where(writes, position, jnp.where(result.takes_part, state.num_tokens - 1, large_seen))
     small_lengths = jnp.where(result.rolls_back, jnp.minimum(state.small_cache.lengths, state.small_offset + position),
                               state.small_cache.lengths)
+    # Most iterations run no large pass (`skipped_pass`: no row takes part); they skip the block's write, one
+    # dynamic_update_slice per layer's keys and values (bundled T5 pair: 1.3-1.6% of BiLD's time).
+    large_cache = lax.cond(result.takes_part.any(), lambda cache, block: cache.write(block), lambda cache, _: cache,
+                           state.large_cache, result.block)
     counters = state.counters
     return state.replace(
         small_cache=state.small_cache.with_lengths(small_lengths),
-        large_cache=state.large_cache.write(result.block).with_lengths(state.large_offset + new_large_seen),
+        large_cache=large_cache.with_lengths(state.large_offset + new_large_seen),
         tokens=set_at(state.tokens, position, result.token, writes),
         from_large=set_at(state.from_large, position, True, writes),
         num_tokens=jnp.where(writes, position + 1, state.num_tokens),
