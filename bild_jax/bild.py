@@ -288,13 +288,13 @@ def small_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     def feed(width: int):
         def run(block, cache):
             logits, kv = ctx.small.decode_block(block[:, :width], cache)           # [B, width, V]
-            return jnp.pad(logits, ((0, 0), (0, 2 - width), (0, 0))), kv.padded(2)
+            return take_at(logits, jnp.clip(count - 1, 0, width - 1)), kv.padded(2)   # [B, V]: after the last
         return run
 
     logits, kv = lax.switch(jnp.int32(count.max() > 1), [feed(1), feed(2)], block, state.small_cache)
     small_cache = state.small_cache.write(kv).with_lengths(
         jnp.where(drafting, state.small_offset + state.num_tokens, state.small_cache.lengths))
-    next_logits = process_logits(take_at(logits, jnp.clip(count - 1, 0, 1)), ctx.policy.sampling)   # [B, V]
+    next_logits = process_logits(logits, ctx.policy.sampling)                      # [B, V]
     falls_back = policies.fallback(next_logits, ctx.policy.fallback_threshold)                        # [B]
     draft = ctx.draw(next_logits, state.num_tokens, DRAFT)                                            # [B]
     drafts = drafting & ~falls_back
