@@ -288,7 +288,7 @@ def small_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     def feed(width: int):
         def run(block, cache):
             logits, kv = ctx.small.decode_block(block[:, :width], cache)           # [B, width, V]
-            return take_at(logits, jnp.clip(count - 1, 0, width - 1)), kv.padded(2)   # [B, V]: after the last
+            return take_at(logits, jnp.clip(count - 1, 0, width - 1)), kv.padded(2)   # [B, V] after the last fed
         return run
 
     logits, kv = lax.switch(jnp.int32(count.max() > 1), [feed(1), feed(2)], block, state.small_cache)

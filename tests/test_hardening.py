@@ -236,6 +236,19 @@ def test_available_memory_from_device_stats_or_the_host():
                           [_Device({"bytes_limit": 100, "bytes_in_use": 0})])
 
 
+def test_cpu_memory_check_reads_meminfo_only_beyond_half_the_free_memory(monkeypatch):
+    reads = []
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: reads.append(1) or 100)
+    cpu = jax.devices("cpu")[:1]
+    memory.check_fits([memory.Need("ring", "max_draft", 40)], [], cpu)  # far below half of MemFree: no read
+    assert reads == []
+    monkeypatch.setattr(memory, "_half_of_free_host_memory", lambda: 30)
+    memory.check_fits([memory.Need("ring", "max_draft", 40)], [], cpu)  # beyond it: MemAvailable decides
+    assert reads == [1]
+    with pytest.raises(InputError, match=r"about 101 B.* but 100 B is available on cpu; lower max_draft"):
+        memory.check_fits([memory.Need("ring", "max_draft", 101)], [], cpu)
+
+
 # --- checkpoints: their code never runs, their files stay in their directory, their errors are one line ---
 
 @pytest.fixture
