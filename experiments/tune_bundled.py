@@ -8,7 +8,8 @@ thresholds were picked on.
 Run from the repository root. Writes `experiments/results/tune_prompts.json` once, then
 `bild_jax/bundled/<name>/bild_pair.json` and the sweeps under `runs/tune-<name>/`. 128 prompts rather than
 `tune`'s default 64: on 64 prompts the ROUGE-L loss of a point had a 5-95% range of about 3.5 points, wider
-than the 1-point guard. Grids: rollback 3, 5, inf (the fast region in 64-prompt sweeps) and, for the aligned
+than the 1-point guard. Grids: rollback 3, 5, inf (the fast region in 64-prompt sweeps; for the unaligned model
+also 2, 2.5 and 4, and fallback 0.45: a rollback of 2 keeps its low fallbacks within the guard) and, for the aligned
 model, fallback 0.6 and 0.8 only: with the first aligned model every point at 0.2-0.6 lost more than 1
 ROUGE-L point on these prompts; the model aligned a second time loses 0.9 at 0.6 (greedy outputs, so ROUGE-L
 does not change between runs; only the timings do).
@@ -28,7 +29,8 @@ from bild_jax import cli  # noqa: E402
 from bild_jax.hub import load_tokenizer  # noqa: E402
 
 PROMPTS = Path("experiments/results/tune_prompts.json")  # relative: the profiles record it as given
-FALLBACKS = {"small": "0.2,0.3,0.4,0.5,0.6", "small-aligned": "0.6,0.8"}
+FALLBACKS = {"small": "0.2,0.3,0.4,0.45,0.5,0.6", "small-aligned": "0.6,0.8"}
+ROLLBACKS = {"small": "2,2.5,3,4,5,inf", "small-aligned": "3,5,inf"}
 
 
 def write_tune_prompts(path: Path, count: int = 128, seed: int = 1) -> None:
@@ -46,7 +48,8 @@ def main(argv=None) -> None:
         write_tune_prompts(PROMPTS)
     for name in names:
         code = cli.main(["tune", "--small", f"bundled:{name}", "--prompts", str(PROMPTS), "--num-prompts", "128",
-                         "--fallbacks", FALLBACKS[name], "--rollbacks", "3,5,inf", "--sweep-out", f"runs/tune-{name}"])
+                         "--fallbacks", FALLBACKS[name], "--rollbacks", ROLLBACKS[name],
+                         "--sweep-out", f"runs/tune-{name}"])
         if code:
             sys.exit(code)
 
