@@ -13,13 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bild_jax import native_library
+from bild_jax import cpu_matmul, native_library
 
 
 def lookup(table: nn.Embed, tokens: jax.Array, dtype) -> jax.Array:
     """tokens [...] int -> `table(tokens).astype(dtype)` [..., D]: in the native kernel for a bfloat16 table
     and float32 rows on one CPU device (an id outside the table gives NaNs there too), else XLA's gather."""
-    embedding = jnp.asarray(table.embedding)
+    embedding = jnp.asarray(cpu_matmul.unpacked(table.embedding))
     if (embedding.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and native_library.on_cpu_device()
             and native_library.available()):
         return _native(tokens.astype(jnp.int32), embedding)

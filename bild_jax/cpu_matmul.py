@@ -5,17 +5,18 @@ and a decode step is a chain of them over every weight of the model. The kernel 
 with all cores (XLA's own intra-op threads) and sums every output in one fixed order, so a row's result is
 the same whatever rows share the call: the logits of a verification block equal those of one-token steps.
 
-The kernel reads a Dense kernel panel-major (`native/panels.h`: blocks of 64 columns, each read from start
-to end, so the weight is one sequential read and a panel's outputs stay in registers): the CPU decode loop
-holds such kernels as `PanelKernel`s (`panel_kernel`, `model.with_panels`), which keep the [K, N] kernel
-too for XLA's dot. It takes the products that are worth it and leaves the rest to XLA, decided at trace
-time from static shapes: float32 rows times a panel-major float32 kernel of at least `MIN_WEIGHT_BYTES` (or a
-group of kernels read with one input, `dense_products`; smaller ones sit in cache, where XLA's dot is as
-fast) and at most `MAX_ROWS` rows (a decode step, a verification block, or a prompt pass of up to 64 tokens:
-its tiles are as fast as XLA's dot up to about 128 rows, 0.8-1.0x the time at 32-64, and slower past that;
-long prompts and training batches go to XLA), or times a bfloat16 kernel or tied table of any size and rows;
-one CPU device (a sharded model keeps XLA's dot, which the SPMD partitioner splits), the kernels built
-(`native_library`). Differentiable: derivatives are XLA dots.
+The kernel reads a Dense kernel panel-major (`native/panels.h`: blocks of 64 columns, each read from start to
+end, so the weight is one sequential read and a panel's outputs stay in registers): the CPU decode loop holds
+such kernels as `PanelKernel`s (`panel_kernel`, `model.with_panels`), which keep the [K, N] kernel too for
+XLA's dot, and a token table used as the output layer as a `PanelTable` (its transpose so). It takes the
+products that are worth it and leaves the rest to XLA, decided at trace time from static shapes: float32 rows
+times a panel-major float32 kernel of at least `MIN_WEIGHT_BYTES` (or a group of kernels read with one input,
+`dense_products`; smaller ones sit in cache, where XLA's dot is as fast) and at most `MAX_ROWS` rows (a decode
+step, a verification block, or a prompt pass of up to 64 tokens: its tiles are as fast as XLA's dot up to
+about 128 rows, 0.8-1.0x the time at 32-64, and slower past that; long prompts and training batches go to
+XLA), or times a bfloat16 kernel or tied table of any size and rows; one CPU device (a sharded model keeps
+XLA's dot, which the SPMD partitioner splits), the kernels built (`native_library`). Differentiable:
+derivatives are XLA dots.
 
 bfloat16 weights take their rows rounded to bfloat16 (`bfloat16_rows`), the arithmetic of llama.cpp's and
 HF's bfloat16 models: every product of two bfloat16 values is exact in float32 and summed in float32, and
@@ -66,11 +67,31 @@ class PanelKernel:
     size = property(lambda self: self.dense.size)
 
 
+@struct.dataclass
+class PanelTable:
+    """A token table [V, K] used as the output layer, as the CPU decode loop holds it: `table` as it is (for
+    lookups and XLA's dot) and `panels`, its transpose [K, V] panel-major (as `PanelKernel.panels`), which
+    the native products read. The transposed product sums each logit in vector lanes added after; the
+    panels' tiles need no such sums: in a loop of output-layer products alone a step took 0.5-0.6x the
+    time with the bundled small models' bfloat16 tables, an 11-row block 0.7x with the large ones' float32
+    tables (2-core Xeon; in their decode loops, 0.96-0.98x the small models' greedy time).
+    Made by `panel_table`; `attend` reads it, and `promote_table` lets `nn.Embed` take it."""
+
+    table: jax.Array
+    panels: jax.Array
+
+    shape = property(lambda self: self.table.shape)
+    dtype = property(lambda self: self.table.dtype)
+    ndim = property(lambda self: self.table.ndim)
+    size = property(lambda self: self.table.size)
+
+
 def packable(kernel) -> bool:
     """Whether `panel_kernel` packs this param: a 2-D float32 or bfloat16 kernel, on one CPU device with the
     native kernels built."""
-    return (not isinstance(kernel, PanelKernel) and kernel.ndim == 2 and kernel.dtype in (jnp.float32, jnp.bfloat16)
-            and native_library.on_cpu_device() and native_library.available())
+    return (not isinstance(kernel, (PanelKernel, PanelTable)) and kernel.ndim == 2
+            and kernel.dtype in (jnp.float32, jnp.bfloat16) and native_library.on_cpu_device()
+            and native_library.available())
 
 
 def panel_kernel(kernel: jax.Array) -> PanelKernel:
@@ -83,9 +104,22 @@ def panel_kernel(kernel: jax.Array) -> PanelKernel:
     return PanelKernel(dense=kernel, panels=call(lax.stop_gradient(kernel)))
 
 
-def dense_kernel(kernel):
-    """The [K, N] kernel of a param that may be a `PanelKernel`."""
-    return kernel.dense if isinstance(kernel, PanelKernel) else kernel
+def panel_table(table: jax.Array) -> PanelTable:
+    """table [V, K] (`packable`) -> `PanelTable` (its transpose packed as `panel_kernel` packs a kernel)."""
+    return PanelTable(table=table, panels=panel_kernel(table.T).panels)
+
+
+def promote_table(*arrays, dtype=None, inexact: bool = True) -> list:
+    """`nn.Embed(promote_dtype=...)`: flax's promotion of a token table that may be a `PanelTable`."""
+    return flax_promote_dtype(*map(unpacked, arrays), dtype=dtype, inexact=inexact)
+
+
+def unpacked(param):
+    """The plain values of a param that may be packed: a `PanelKernel`'s [K, N] kernel, a `PanelTable`'s
+    [V, K] table; any other param as it is."""
+    if isinstance(param, PanelKernel):
+        return param.dense
+    return param.table if isinstance(param, PanelTable) else param
 
 
 def dense_dot_general(lhs: jax.Array, rhs, dimension_numbers, precision=None,
@@ -97,7 +131,7 @@ def dense_dot_general(lhs: jax.Array, rhs, dimension_numbers, precision=None,
     if (dense and preferred_element_type in (None, jnp.float32) and isinstance(rhs, PanelKernel)
             and native_applies(lhs, rhs)):
         return _native_products(lhs, rhs)[0]
-    return _xla_product(lhs, dense_kernel(rhs), dimension_numbers, precision, preferred_element_type)
+    return _xla_product(lhs, unpacked(rhs), dimension_numbers, precision, preferred_element_type)
 
 
 def dense_products(x: jax.Array, kernels: Sequence[jax.Array]) -> list[jax.Array]:
@@ -119,15 +153,18 @@ def promote_dtype(inputs, kernel, bias, dtype=None, inexact: bool = True) -> lis
     if (dtype is None and inputs.dtype == jnp.float32 and kernel is not None
             and (kernel.dtype == jnp.bfloat16 or isinstance(kernel, PanelKernel))):
         return [inputs, kernel, None if bias is None else bias.astype(jnp.float32)]
-    return flax_promote_dtype(inputs, dense_kernel(kernel), bias, dtype=dtype, inexact=inexact)
+    return flax_promote_dtype(inputs, unpacked(kernel), bias, dtype=dtype, inexact=inexact)
 
 
-def attend(table: jax.Array, x: jax.Array) -> jax.Array:
-    """x [..., D] @ table [V, D]^T -> [..., V]: a tied embedding table used as the output layer (what
-    `nn.Embed.attend` computes, with both operands promoted to one dtype)."""
-    if native_applies(x, table):
-        return _native_transposed(x, table)
-    return _xla_product(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+def attend(table, x: jax.Array) -> jax.Array:
+    """x [..., D] @ table [V, D]^T -> [..., V]: a token table (an array or a `PanelTable`) used as the
+    output layer (what `nn.Embed.attend` computes, with both operands promoted to one dtype)."""
+    values = unpacked(table)
+    if native_applies(x, values):
+        if isinstance(table, PanelTable):
+            return _native_products(x, PanelKernel(dense=values.T, panels=table.panels))[0]
+        return _native_transposed(x, values)
+    return _xla_product(x, values, (((x.ndim - 1,), (1,)), ((), ())))
 
 
 def _xla_product(rows: jax.Array, weight: jax.Array, dimension_numbers, precision=None,

@@ -45,7 +45,8 @@ def model_needs(model: Model, name: str, batch: int, prompt_width: int, capacity
     if loop_weights:
         held.append(Need(f"{model_name}'s float32 weights for the CPU loop", "the model size", loop_weights))
     if panels := panel_copy_bytes(model):
-        held.append(Need(f"{model_name}'s panel-major kernels for the CPU loop", "the model size", panels))
+        held.append(Need(f"{model_name}'s panel-major kernels (and output table) for the CPU loop", "the model size",
+                         panels))
     transient = [Need(f"{model_name}'s prompt pass", "the prompt length", prompt_pass),
                  Need(f"{model_name}'s {block_width}-token pass", block_setting or "max_new_tokens", block_pass)]
     return held, transient

@@ -123,9 +123,9 @@ def for_decode_loop(model: Model, rows: int) -> Model:
         def in_loop(path, param):
             if _kept_in_loop(model, path, param, rows):
                 return param
-            return cpu_matmul.dense_kernel(param).astype(jnp.float32)
+            return cpu_matmul.unpacked(param).astype(jnp.float32)
 
-        model = model.replace(params=jax.tree_util.tree_map_with_path(in_loop, model.params, is_leaf=_is_panel_kernel))
+        model = model.replace(params=jax.tree_util.tree_map_with_path(in_loop, model.params, is_leaf=_is_packed))
     return with_panels(model)
 
 
@@ -143,22 +143,26 @@ def for_prompt_pass(model: Model, rows: int) -> Model:
         return model
 
     def mark(param):
-        return param.replace(in_prompt_pass=True) if _is_panel_kernel(param) else param
+        return param.replace(in_prompt_pass=True) if isinstance(param, cpu_matmul.PanelKernel) else param
 
-    return model.replace(params=jax.tree_util.tree_map(mark, model.params, is_leaf=_is_panel_kernel))
+    return model.replace(params=jax.tree_util.tree_map(mark, model.params, is_leaf=_is_packed))
 
 
 def with_panels(model: Model) -> Model:
     """The model with every Dense kernel (layers.Dense names it "kernel") that the native products can read
-    (`cpu_matmul.packable`) held as a `cpu_matmul.PanelKernel`: its [K, N] values and their panel-major copy
-    (as many bytes again). Unchanged off CPU or without the native kernels. Called outside a jit, the result
-    is kept for as long as `model` lives: the next call returns it."""
+    (`cpu_matmul.packable`) held as a `cpu_matmul.PanelKernel`, its [K, N] values and their panel-major copy
+    (as many bytes again), and the family's output table as a `cpu_matmul.PanelTable` (its transpose
+    panel-major). Unchanged off CPU or without the native kernels. Called outside a jit, the result is kept
+    for as long as `model` lives: the next call returns it."""
+    output_table = model.family.output_table(model.config)
+
     def pack(path, param):
-        names = tuple(getattr(key, "key", None) for key in path)
-        return cpu_matmul.panel_kernel(param) if names[-1] == "kernel" and cpu_matmul.packable(param) else param
+        if _packs(output_table, path, param):
+            return (cpu_matmul.panel_kernel if path[-1].key == "kernel" else cpu_matmul.panel_table)(param)
+        return param
 
     def packed() -> Model:
-        return model.replace(params=jax.tree_util.tree_map_with_path(pack, model.params, is_leaf=_is_panel_kernel))
+        return model.replace(params=jax.tree_util.tree_map_with_path(pack, model.params, is_leaf=_is_packed))
 
     return _remembered(model, "with_panels", packed)
 
@@ -167,9 +171,15 @@ def panel_copy_bytes(model: Model) -> int:
     """Bytes of the panel-major copies `with_panels(model)` makes (0 where it has made them already)."""
     if "with_panels" in _REMEMBERED.get(id(model), {}):
         return 0
-    leaves = jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_panel_kernel)
-    return sum(param.nbytes for path, param in leaves
-               if getattr(path[-1], "key", None) == "kernel" and cpu_matmul.packable(param))
+    output_table = model.family.output_table(model.config)
+    leaves = jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_packed)
+    return sum(param.nbytes for path, param in leaves if _packs(output_table, path, param))
+
+
+def _packs(output_table: tuple[str, ...] | None, path, param) -> bool:
+    """Whether `with_panels` packs this param: a Dense kernel or the output table, `cpu_matmul.packable`."""
+    names = tuple(getattr(key, "key", None) for key in path)
+    return (names[-1] == "kernel" or names == output_table) and cpu_matmul.packable(param)
 
 
 # id(model) -> {key: what `_remembered` computed for it}, for the models alive (a finalizer drops each entry).
@@ -192,8 +202,8 @@ def _remembered(model: Model, key, compute):
     return memo[key]
 
 
-def _is_panel_kernel(param) -> bool:
-    return isinstance(param, cpu_matmul.PanelKernel)
+def _is_packed(param) -> bool:
+    return isinstance(param, (cpu_matmul.PanelKernel, cpu_matmul.PanelTable))
 
 
 def loop_copy_bytes(model: Model, rows: int) -> int:
@@ -201,7 +211,7 @@ def loop_copy_bytes(model: Model, rows: int) -> int:
     def copied() -> int:
         if decode_loop_dtype(model) == model.dtype:
             return 0
-        leaves = jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_panel_kernel)
+        leaves = jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_packed)
         return sum(4 * p.size for path, p in leaves if not _kept_in_loop(model, path, p, rows))
 
     return _remembered(model, ("loop_copy_bytes", rows, native_library.available(), jax.default_backend()), copied)

@@ -59,18 +59,35 @@ def _reference(x, w):
 
 # K = 384, a multiple of the 16 lanes: a transposed product of two or more rows adds its lanes in registers.
 # bfloat16: K = 389 gives the panels a zero row after the odd last one, and the table's dot products a tail.
-@pytest.mark.parametrize("transposed,columns,inner,dtype", [
-    (False, N, K, jnp.float32), (False, NARROW, K, jnp.float32), (True, N, K, jnp.float32), (True, N, 384, jnp.float32),
-    (False, N, K, jnp.bfloat16), (True, N, K, jnp.bfloat16), (True, N, 384, jnp.bfloat16)])
-def test_products_match_float64_and_each_row_alone(transposed, columns, inner, dtype):
+def _weight(w, kind: str):
+    """w [K, N] as a Dense kernel ("kernel"), or as a token table [N, K] used as the output layer, held as it
+    is ("table") or as the decode loop packs it ("panel table")."""
+    return {"kernel": w, "table": w.T, "panel table": cpu_matmul.panel_table(w.T)}[kind]
+
+
+def _product(a, weight, kind: str):
+    return _dense(a, weight) if kind == "kernel" else cpu_matmul.attend(weight, a)
+
+
+def _native_applies(a, weight, kind: str) -> bool:
+    weight = _panels(weight) if kind == "kernel" else cpu_matmul.unpacked(weight)
+    return cpu_matmul.native_applies(jnp.asarray(a), weight)
+
+
+@pytest.mark.parametrize("kind,columns,inner,dtype", [
+    ("kernel", N, K, jnp.float32), ("kernel", NARROW, K, jnp.float32), ("table", N, K, jnp.float32),
+    ("table", N, 384, jnp.float32), ("panel table", N, K, jnp.float32),
+    ("kernel", N, K, jnp.bfloat16), ("table", N, K, jnp.bfloat16), ("table", N, 384, jnp.bfloat16),
+    ("panel table", N, K, jnp.bfloat16)])
+def test_products_match_float64_and_each_row_alone(kind, columns, inner, dtype):
     x, w = _operands(11, columns=columns, inner=inner)
     w = jnp.asarray(w, dtype)
-    weight = w.T if transposed else w
+    weight = _weight(w, kind)
 
     def product(a):
-        return cpu_matmul.attend(weight, a) if transposed else _dense(a, weight)
+        return _product(a, weight, kind)
 
-    assert cpu_matmul.native_applies(jnp.asarray(x), jnp.asarray(weight) if transposed else _panels(weight))
+    assert _native_applies(x, weight, kind)
     assert "bild_matmul" in _lowered(product, x)
     block = np.asarray(jax.jit(product)(x))
     np.testing.assert_allclose(block, _reference(x, w), rtol=1e-5, atol=1e-4)
@@ -83,7 +100,7 @@ def test_products_match_float64_and_each_row_alone(transposed, columns, inner, d
     np.testing.assert_array_equal(stacked.reshape(10, columns), block[:10])
     # A prompt pass of MAX_ROWS rows (many tiles of rows; bfloat16 has no limit) gives each row the same sums too.
     tall = np.resize(x, (cpu_matmul.MAX_ROWS * (1 if dtype == jnp.float32 else 3), inner))
-    assert cpu_matmul.native_applies(jnp.asarray(tall), jnp.asarray(weight) if transposed else _panels(weight))
+    assert _native_applies(tall, weight, kind)
     np.testing.assert_array_equal(np.asarray(jax.jit(product)(tall))[:11], block)
 
 
@@ -110,27 +127,28 @@ def test_a_group_of_kernels_is_one_call_with_each_kernel_s_own_sums():
                                   np.asarray(jnp.asarray(x[:1]) @ mixed[1].dense))
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_bfloat16_weights_take_their_rows_rounded_to_bfloat16(transposed):
+@pytest.mark.parametrize("kind", ["kernel", "table", "panel table"])
+def test_bfloat16_weights_take_their_rows_rounded_to_bfloat16(kind):
     """The kernel reads float32 rows as bfloat16 (to nearest even): rows that are bfloat16 values already
     give the same bits, and XLA's dot on an unpacked kernel computes the same products."""
     x, w = _operands(4, seed=2)
     x[0, :8] = [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -9), 2 ** -130, np.inf, -np.inf, 0.0, -0.0]  # ties, subnormal
-    half = jnp.asarray(w.T if transposed else w, jnp.bfloat16)
+    half = _weight(jnp.asarray(w, jnp.bfloat16), kind)
 
     def product(a, weight):
-        return cpu_matmul.attend(weight, a) if transposed else _dense(a, weight)
+        return _product(a, weight, kind)
 
     text = _lowered(product, x, half)
-    assert ("bild_matmul_transposed_bf16" if transposed else "bild_matmul") in text and "xbf16>" in text
+    target = "@bild_matmul_transposed_bf16(" if kind == "table" else "@bild_matmul("
+    assert target in text and "xbf16>" in text
     rounded = cpu_matmul.bfloat16_rows(jnp.asarray(x))
     assert not np.array_equal(np.asarray(rounded), x)
     for rows in (slice(0, 1), slice(None)):  # one row, and a tile of 4
         got = np.asarray(jax.jit(product)(x[rows], half))
         np.testing.assert_array_equal(got, np.asarray(jax.jit(product)(rounded[rows], half)))
     # x[0] holds infinities: its outputs are not finite, the other rows' match float64.
-    np.testing.assert_allclose(got[1:], _reference(x[1:], half.T if transposed else half), rtol=1e-5, atol=1e-4)
-    if not transposed:
+    np.testing.assert_allclose(got[1:], _reference(x[1:], jnp.asarray(w, jnp.bfloat16)), rtol=1e-5, atol=1e-4)
+    if kind == "kernel":
         unpacked = cpu_matmul.dense_dot_general(jnp.asarray(x[1:]), half, (((1,), (0,)), ((), ())))
         np.testing.assert_allclose(np.asarray(unpacked), np.asarray(jax.jit(product)(x[1:], half)), rtol=1e-5,
                                    atol=1e-4)
@@ -174,13 +192,15 @@ def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, ever
     assert (table is not None) == kind.endswith("tied")
     for rows in (4, cpu_matmul.MAX_ROWS + 1):
         kept = for_decode_loop(half, rows=rows)
-        leaves = jax.tree_util.tree_leaves_with_path(kept.params,
-                                                     is_leaf=lambda p: isinstance(p, cpu_matmul.PanelKernel))
+        leaves = jax.tree_util.tree_leaves_with_path(kept.params, is_leaf=lambda p: isinstance(
+            p, (cpu_matmul.PanelKernel, cpu_matmul.PanelTable)))
         dtypes = {tuple(k.key for k in path): p.dtype for path, p in leaves}
         assert all(dtype == (jnp.bfloat16 if name[-1] == "kernel" or name == table else jnp.float32)
                    for name, dtype in dtypes.items())
-        packed = [isinstance(p, cpu_matmul.PanelKernel) for _, p in leaves]
-        assert all(is_packed == (path[-1].key == "kernel") for (path, _), is_packed in zip(leaves, packed))
+        # Dense kernels and the output table are packed panel-major for the native products.
+        assert all(isinstance(p, cpu_matmul.PanelKernel) == (name[-1] == "kernel")
+                   and isinstance(p, cpu_matmul.PanelTable) == (name == table)
+                   for name, p in zip(dtypes, (p for _, p in leaves)))
         assert kept.dtype == jnp.float32  # it computes in float32
         copied = sum(4 * p.size for name, p in zip(dtypes, jax.tree_util.tree_leaves(half.params))
                      if dtypes[name] == jnp.float32)
@@ -195,7 +215,7 @@ def test_decode_loop_keeps_the_bfloat16_weights_the_kernel_reads(bild_pair, ever
         node = copied
         for key in table[:-1]:
             node = node[key]
-        node[table[-1]] = node[table[-1]].astype(jnp.float32)
+        node[table[-1]] = cpu_matmul.unpacked(node[table[-1]]).astype(jnp.float32)
         cross_keys = [m.start_cache(1, 16, **encoder).cross_keys[0] for m in (kept, kept.replace(params=copied))]
         np.testing.assert_array_equal(*map(np.asarray, cross_keys))
 
@@ -233,9 +253,10 @@ def test_gradients_are_xla_dots():
     expected = jax.grad(loss(lambda a, b: a @ b), argnums=(0, 1))(x, w)
     for got, want in zip(native, expected):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-    tied = jax.grad(loss(lambda a, b: cpu_matmul.attend(b.T, a)), argnums=(0, 1))(x, w)
-    for got, want in zip(tied, expected):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    for table in (lambda b: b.T, lambda b: cpu_matmul.panel_table(b.T)):
+        tied = jax.grad(loss(lambda a, b: cpu_matmul.attend(table(b), a)), argnums=(0, 1))(x, w)
+        for got, want in zip(tied, expected):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_xla_keeps_what_the_kernel_does_not_speed_up(monkeypatch):
@@ -387,3 +408,10 @@ def test_panel_copies_are_made_once_per_model_and_counted_as_memory(bild_pair):
     again = with_panels(packed)  # already packed: the same arrays
     leaves = zip(jax.tree_util.tree_leaves(again.params), jax.tree_util.tree_leaves(packed.params))
     assert all(a is b for a, b in leaves)
+    # A tied model's token table is packed too (its transpose, for the output layer): counted as well.
+    tied = bild_jax.load_model("bundled:small")
+    table = tied.params["embed_tokens"]["embedding"]
+    kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(tied.params) if path[-1].key == "kernel"]
+    assert panel_copy_bytes(tied) == sum(k.nbytes for k in kernels) + table.nbytes
+    packed_table = with_panels(tied).params["embed_tokens"]["embedding"]
+    assert isinstance(packed_table, cpu_matmul.PanelTable) and packed_table.table is table

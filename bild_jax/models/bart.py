@@ -31,7 +31,7 @@ from bild_jax.models.family import ModelFamily
 from bild_jax.errors import Unsupported
 from bild_jax.models.hf_config import check_divides, config_int, token_ids
 from bild_jax.models.layers import (Dense, activation, attend, attention, cached_keys_values,
-                                    decoder_positions_and_mask, head_major, kv_block)
+                                    decoder_positions_and_mask, head_major, kv_block, token_table)
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("bart", "marian")
@@ -206,7 +206,7 @@ class BartStack(nn.Module):
     def setup(self):
         cfg = self.config
         if not cfg.shares_all_embeddings:
-            self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.d_model)
+            self.embed_tokens = token_table(cfg.vocab_size, cfg.d_model)
         if cfg.learned_positions:
             self.embed_positions = nn.Embed(cfg.max_positions + LEARNED_POSITION_OFFSET, cfg.d_model)
         if cfg.layernorm_embedding:
@@ -258,7 +258,7 @@ class BartForConditionalGeneration(nn.Module):
     def setup(self):
         cfg = self.config
         if cfg.shares_all_embeddings:
-            self.shared = nn.Embed(cfg.vocab_size, cfg.d_model)
+            self.shared = token_table(cfg.vocab_size, cfg.d_model)
         self.encoder = BartStack(cfg, is_decoder=False)
         self.decoder = BartStack(cfg, is_decoder=True)
         if not cfg.tie_word_embeddings:

@@ -15,7 +15,7 @@ from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
 from bild_jax.rows import take_at
 from bild_jax.models.layers import (Dense, activation, attend, attention, cached_keys_values,
-                                    decoder_positions_and_mask, kv_block)
+                                    decoder_positions_and_mask, kv_block, token_table)
 from bild_jax.weights import hf_name_to_flax_path
 
 # Non-parameter buffers that old GPT-2 checkpoints (the hub `gpt2` one included) still carry.
@@ -143,7 +143,7 @@ class GPT2LMHeadModel(nn.Module):
     def __call__(self, tokens, cache: KVCache | None = None, attention_mask=None, logits_at=None):
         cfg = self.config
         batch, width = tokens.shape
-        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte")
+        wte = token_table(cfg.vocab_size, cfg.n_embd, name="wte")
         positions, _, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
         # Real tokens never pass the table (callers check prompt + new tokens against max_positions), but
         # padding slots of a verification block may: clamp them, as an out-of-range row would read NaNs
@@ -165,7 +165,7 @@ class GPT2LMHeadModel(nn.Module):
         else:
             # An Embed, not a Dense: HF's lm_head is an nn.Linear stored [vocab, n_embd], which the family's
             # untransposed (Conv1D) weight layout would otherwise load the wrong way round.
-            logits = attend(nn.Embed(cfg.vocab_size, cfg.n_embd, name="lm_head"), h)
+            logits = attend(token_table(cfg.vocab_size, cfg.n_embd, name="lm_head"), h)
         return logits.astype(jnp.float32), kv_block(cache, layer_keys, layer_values)
 
 

@@ -50,6 +50,12 @@ def dense_group(x: jax.Array, layers: list[DenseWeights]) -> list[jax.Array]:
             for y, (_, _, bias) in zip(outputs, promoted)]
 
 
+def token_table(vocab_size: int, features: int, name: str | None = None) -> nn.Embed:
+    """The token table [vocab_size, features] of a family whose output layer it may be: `nn.Embed`, which
+    also takes the CPU decode loop's `cpu_matmul.PanelTable` (`model.with_panels`)."""
+    return nn.Embed(vocab_size, features, promote_dtype=cpu_matmul.promote_table, name=name)
+
+
 def attend(table: nn.Embed, h: jax.Array) -> jax.Array:
     """`table.attend(h)`, the tied embedding as the output layer: h [..., D] -> logits [..., V]."""
     return cpu_matmul.attend(table.embedding, h)

@@ -19,7 +19,8 @@ from bild_jax.cache import KVCache
 from bild_jax.cpu_lookup import lookup
 from bild_jax.errors import Unsupported
 from bild_jax.models.layers import (Dense, DenseWeights, RMSNorm, activation, attend, attention, cached_keys_values,
-                                    decoder_positions_and_mask, dense_group, kv_block, sliding_window_mask, softcap)
+                                    decoder_positions_and_mask, dense_group, kv_block, sliding_window_mask, softcap,
+                                    token_table)
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import check_divides, config_float, config_int, token_ids
 from bild_jax.rows import take_at
@@ -297,7 +298,7 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, tokens, cache: KVCache | None = None, attention_mask=None, logits_at=None):
         cfg = self.config
         batch, width = tokens.shape
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
+        embed = token_table(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
         positions, key_positions, mask = decoder_positions_and_mask(batch, width, cache, attention_mask)
         window_mask = (sliding_window_mask(mask, positions, key_positions, cfg.sliding_window)
                        if cfg.sliding_window is not None else None)

@@ -18,7 +18,8 @@ from bild_jax.models.encoder_decoder import (EncoderDecoderCache, empty_cache, e
 from bild_jax.models.family import ModelFamily
 from bild_jax.models.hf_config import config_float, config_int, token_ids
 from bild_jax.models.layers import (Dense, DenseWeights, RMSNorm, activation, attend, attention, cached_keys_values,
-                                    decoder_positions_and_mask, dense_group, head_major, kv_block)
+                                    decoder_positions_and_mask, dense_group, head_major, kv_block,
+                                    token_table)
 from bild_jax.weights import hf_name_to_flax_path
 
 MODEL_TYPES = ("t5", "mt5")
@@ -144,7 +145,7 @@ class T5Attention(nn.Module):
 
     def key_value_kernels(self, in_features: int) -> tuple[jax.Array, jax.Array]:
         """The key and value kernels [d_model, H x D]."""
-        return cpu_matmul.dense_kernel(self.k(in_features)[0]), cpu_matmul.dense_kernel(self.v(in_features)[0])
+        return cpu_matmul.unpacked(self.k(in_features)[0]), cpu_matmul.unpacked(self.v(in_features)[0])
 
     def position_bias(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
         """Additive bias [B, H, K, S] float32 for queries at query_positions [B, K] and keys at key_positions
@@ -284,7 +285,7 @@ class T5ForConditionalGeneration(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model)
+        self.shared = token_table(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, is_decoder=False)
         self.decoder = T5Stack(cfg, is_decoder=True)
         if not cfg.tie_word_embeddings:
