@@ -384,11 +384,12 @@ def decode_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     needs_large = runs & state.waiting                                                     # [B]
     unseen = jnp.where(state.live, state.num_tokens - state.large_seen, 0)                # [B]
     widths = block_widths(ctx.narrow_widths, ctx.max_draft + 1)
-    branch = jnp.searchsorted(jnp.asarray(widths), jnp.where(needs_large, unseen, 0).max())   # []
+    width_values = jnp.asarray(widths)                                                     # [W] int32
+    branch = jnp.searchsorted(width_values, jnp.where(needs_large, unseen, 0).max())        # []
     # The other live rows have their drafts judged too, when they fit the block the waiting rows need.
     # Without tail verification a row may end on unjudged drafts; judging other rows' drafts early would
     # then make a row's output depend on its batch.
-    takes_part = needs_large | (runs & state.live & ctx.policy.verify_tail & (unseen <= jnp.asarray(widths)[branch]))
+    takes_part = needs_large | (runs & state.live & ctx.policy.verify_tail & (unseen <= width_values[branch]))
 
     def run_large_pass(state: DecodeState) -> DecodeState:
         passes = [functools.partial(large_pass, width=w) for w in widths]
