@@ -2,10 +2,11 @@
 
 For a small/large pair (checkpoints, or random-weight Llama models of real sizes with `shape`):
 - per model: parameters, weight bytes, the cost of a one-token decode step and of a (max_draft + 1)-token
-  verification block, each timed as a jitted `lax.fori_loop` of `model.decode` calls on a half-full cache;
-  the model bandwidth utilization: bytes read per step / step time, against the copy bandwidth of the
-  device measured by the same run;
-- end to end at batch 1: large and small greedy decoding, BiLD, BiLD exact, and the loop overhead factor
+  verification block, each timed as a jitted `lax.fori_loop` of `model.decode` calls on a half-full cache,
+  and of the first prompt's prompt pass; the model bandwidth utilization: bytes read per step / step time,
+  against the copy bandwidth of the device measured by the same run;
+- end to end at batch 1: large and small greedy decoding, BiLD, BiLD exact (each with the share of its time
+  in prompt passes, and its speedup without them: `with_prompt_pass_shares`), and the loop overhead factor
   (BiLD handing every token to the large model, per token, over large + small greedy per token), the
   systems taking turns prompt by prompt after a first, compiling call;
 - optionally greedy and BiLD throughput at several batch sizes.
@@ -43,7 +44,7 @@ from bild_jax.generate import GenerateOutput, greedy_generate, prepare_inputs
 from bild_jax.hub import BUNDLED_PREFIX, SMALL_MODEL_DTYPE, load_model
 from bild_jax.model import Model, for_decode_loop, with_panels
 from bild_jax.models.llama import LlamaConfig
-from bild_jax.prompts import decoder_capacity, prefill
+from bild_jax.prompts import decoder_capacity, prefill, prepare_prompts
 from bild_jax.schedule import BatchSchedule, resolve
 
 DEFAULT_SMALL = "bundled:small-aligned"
@@ -194,6 +195,22 @@ def _loop_timer(model: Model, width: int, capacity: int, context: Sequence[int],
     return run, cache_bytes(cache)
 
 
+def _prompt_timer(model: Model, prompt: Sequence[int], max_new_tokens: int) -> Callable[[], float]:
+    """`run()` times STEP_DISPATCHES prompt passes (`prompts.prefill`) of one prompt, padded to its bucket and
+    into a cache sized as the generate functions size it, dispatched back to back; returns seconds per pass
+    (its first call compiles)."""
+    ids, lengths = prepare_prompts([list(prompt)], vocab_size=model.vocab_size)
+    capacity = decoder_capacity(model, ids.shape[1], max_new_tokens)
+    prompt_pass = jax.jit(lambda model, ids, lengths: prefill(model, ids, lengths, capacity)[0])
+
+    def run() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready([prompt_pass(model, ids, lengths) for _ in range(STEP_DISPATCHES)])
+        return (time.perf_counter() - start) / STEP_DISPATCHES
+
+    return run
+
+
 def copy_bandwidth(nbytes: int, repeats: int = COPY_REPEATS, on_call: Callable[[], None] = lambda: None) -> float:
     """Bytes per second of the default device's memory: an elementwise in-place update (read + write) of a
     float32 buffer of `nbytes`, donated so that no call allocates; the median of `repeats` calls after one
@@ -210,27 +227,30 @@ def copy_bandwidth(nbytes: int, repeats: int = COPY_REPEATS, on_call: Callable[[
     return 2 * buffer.nbytes / float(np.median(seconds))
 
 
-def step_costs(models: dict[str, Model], width: int, capacity: int, context: Sequence[int],
+def step_costs(models: dict[str, Model], width: int, capacity: int, context: Sequence[int], max_new_tokens: int,
                loop: int = STEP_LOOP, repeats: int = STEP_REPEATS, on_call: Callable[[], None] = lambda: None
                ) -> dict[str, dict]:
-    """Per model: ms per one-token decode step and per [1, width] block, the median of `repeats` timings
-    (all timers interleaved, after one compiling call each), with the bytes one step reads (weights as the
-    decode loops hold them, plus the cache of `capacity` slots)."""
+    """Per model: ms per one-token decode step, per [1, width] block and per prompt pass of `context` (the
+    first prompt, room for `max_new_tokens` after it), the median of `repeats` timings (all timers
+    interleaved, after one compiling call each), with the bytes one step reads (weights as the decode loops
+    hold them, plus the cache of `capacity` slots)."""
     decoded = {name: for_decode_loop(model, rows=width) for name, model in models.items()}
-    timers = {(name, w): _loop_timer(model, w, capacity, context, loop)
-              for name, model in decoded.items() for w in (1, width)}
+    loops = {(name, w): _loop_timer(model, w, capacity, context, loop)
+             for name, model in decoded.items() for w in (1, width)}                # (run, cache bytes)
+    timers = {key: run for key, (run, _) in loops.items()}
+    timers.update({(name, "prompt"): _prompt_timer(model, context, max_new_tokens) for name, model in decoded.items()})
     samples = {key: [] for key in timers}
     for round_ in range(repeats + 1):
-        for key, (run, _) in timers.items():
+        for key, run in timers.items():
             seconds = run()
             if round_:  # round 0 compiles
                 samples[key].append(seconds)
             on_call()
     costs = {}
     for name, model in decoded.items():
-        step_ms, block_ms = (1000 * float(np.median(samples[name, w])) for w in (1, width))
+        step_ms, block_ms, prompt_ms = (1000 * float(np.median(samples[name, w])) for w in (1, width, "prompt"))
         costs[name] = dict(step_ms=step_ms, block_ms=block_ms, block_over_step=block_ms / step_ms,
-                           bytes_per_step=weight_bytes_per_step(model) + timers[name, 1][1],
+                           prompt_ms=prompt_ms, bytes_per_step=weight_bytes_per_step(model) + loops[name, 1][1],
                            compute_dtype=str(model.dtype))
     return costs
 
@@ -351,6 +371,24 @@ def end_to_end(small: Model, large: Model, prompts: Sequence[Sequence[int]], con
     apart = per_token["large greedy"] + per_token["small greedy"]
     return {"systems": rows, "loop_overhead": per_token["BiLD all-large"] / apart,
             "turns_overhead": per_token[TURNS] / apart, "loop_own": per_token["BiLD all-large"] / per_token[TURNS]}
+
+
+def with_prompt_pass_shares(e2e: dict, prompt_ms: dict[str, float], max_new_tokens: int) -> dict:
+    """`end_to_end`'s record with, per system, `prompt_share`: the part of its time per prompt (median ms per
+    token x `max_new_tokens`) that its prompt passes take (`prompt_ms`: per model, timed apart: the large
+    model's for large greedy, the small one's for small greedy, both for the rest), and `decode_speedup`:
+    its speedup over large greedy with every system's prompt passes taken out, which a system approaches
+    as it generates longer outputs."""
+    def passes(name: str) -> float:
+        alone = {"large greedy": prompt_ms["large"], "small greedy": prompt_ms["small"]}
+        return alone.get(name, prompt_ms["large"] + prompt_ms["small"])
+
+    per_prompt = {row["system"]: row["ms_per_token"] * max_new_tokens for row in e2e["systems"]}
+    large_decode = per_prompt["large greedy"] - prompt_ms["large"]
+    rows = [dict(row, prompt_share=passes(row["system"]) / per_prompt[row["system"]],
+                 decode_speedup=large_decode / (per_prompt[row["system"]] - passes(row["system"])))
+            for row in e2e["systems"]]
+    return dict(e2e, systems=rows)
 
 
 def _batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[list[int]]]:
@@ -510,11 +548,13 @@ def run_bench(small: str | Path | Model = DEFAULT_SMALL, large: str | Path | Mod
     batches = {b: len(_batches(prompts, b)) for b in batch_sizes}
     tracker.stage("measuring copy bandwidth", total=COPY_REPEATS + 1)
     bandwidth = copy_bandwidth(_copy_buffer_bytes(platform), on_call=tracker.advance)
-    tracker.stage(f"timing decode steps and {max_draft + 1}-token blocks", total=4 * (step_repeats + 1))
-    costs = step_costs(models, max_draft + 1, capacity, prompts[0], step_loop, step_repeats, tracker.advance)
+    tracker.stage(f"timing decode steps, {max_draft + 1}-token blocks and prompt passes", total=6 * (step_repeats + 1))
+    costs = step_costs(models, max_draft + 1, capacity, prompts[0], max_new_tokens, step_loop, step_repeats,
+                       tracker.advance)
     tracker.stage(f"end to end: {num_systems} systems on {len(prompts)} prompts",
                   total=num_systems * (len(prompts) + 1))
     e2e = end_to_end(models["small"], models["large"], prompts, config, with_bild, tracker.advance)
+    e2e = with_prompt_pass_shares(e2e, {name: cost["prompt_ms"] for name, cost in costs.items()}, max_new_tokens)
     by_batch = []
     for b, count in batches.items():
         systems_per_batch = 2 + len(CANDIDATE_SCHEDULES) if with_bild else 1
@@ -599,14 +639,15 @@ def print_report(result: dict, console: Console | None = None) -> None:
 
     width = settings["max_draft"] + 1
     rows = [[name, _params(m["params"]), _bytes(m["weight_bytes"]), _bytes(m["bytes_per_step"]), _dtypes(m),
-             f"{m['step_ms']:.3f}", f"{m['block_ms']:.3f}", f"{m['block_over_step']:.2f}x",
+             f"{m['step_ms']:.3f}", f"{m['block_ms']:.3f}", f"{m['block_over_step']:.2f}x", f"{m['prompt_ms']:.2f}",
              f"{m['bandwidth_gb_s']:.1f}", f"{m['bandwidth_utilization']:.0%}"]
             for name, m in result["models"].items()]
-    console.print(f"\n[bold]decode cost[/bold], batch 1, on a cache of {settings['cache_capacity']} slots half full; "
-                  f"median of {settings['step_repeats']} timings of {settings['step_dispatches']} jitted loops of "
-                  f"{settings['step_loop']} calls")
+    console.print(f"\n[bold]decode cost[/bold] in ms, batch 1: a step and a block on a cache of "
+                  f"{settings['cache_capacity']} slots half full, the median of {settings['step_repeats']} timings of "
+                  f"{settings['step_dispatches']} jitted loops of {settings['step_loop']} calls; a prompt pass of the "
+                  f"first prompt, the median of {settings['step_repeats']} timings of {settings['step_dispatches']}")
     console.print(_table(
-        ["model", "params", "weights", "read/step", "dtype", "step ms", f"{width}-block ms", "block/step",
+        ["model", "params", "weights", "read/step", "dtype", "step", f"{width}-block", "block/step", "prompt",
          "GB/s", "of copy bw"], rows))
     if any(m["dtype"] != m["compute_dtype"] for m in result["models"].values()):
         console.print("XLA:CPU has no fast half-precision dot for a step's few rows: the decode loops (and these "
@@ -617,13 +658,20 @@ def print_report(result: dict, console: Console | None = None) -> None:
     e2e = result["end_to_end"]
     rows = [[s["system"], f"{s['tokens_per_s']:.1f}", f"{s['ms_per_token']:.3f}", f"{s['speedup']:.2f}x",
              f"{s['large_token_share']:.0%}" if "large_token_share" in s else "-",
-             f"{s['large_calls_per_token']:.2f}" if "large_calls_per_token" in s else "-", f"{s['compile_s']:.1f}"]
+             f"{s['large_calls_per_token']:.2f}" if "large_calls_per_token" in s else "-",
+             f"{s['prompt_share']:.0%}", f"{s['decode_speedup']:.2f}x", f"{s['compile_s']:.1f}"]
             for s in e2e["systems"]]
     console.print(f"\n[bold]end to end[/bold], batch 1: {settings['num_prompts']} prompts ({settings['prompts']}, "
                   f"up to {settings['prompt_tokens']} tokens), {settings['max_new_tokens']} new tokens each, greedy; "
                   f"the systems take turns prompt by prompt")
     console.print(_table(
-        ["system", "tokens/s", "ms/token (median)", "speedup", "by large", "large calls/tok", "compile s"], rows))
+        ["system", "tokens/s", "ms/token", "speedup", "by large", "large calls/tok", "prompts", "w/o prompts",
+         "compile s"], rows))
+    prompt_ms = {name: m["prompt_ms"] for name, m in result["models"].items()}
+    console.print(f"ms/token: the median over prompts; prompts: the share of a system's time per prompt that its "
+                  f"models' prompt passes take (large {prompt_ms['large']:.2f} ms, small {prompt_ms['small']:.2f} ms, "
+                  f"timed apart); w/o prompts: the speedup with them left out of every system, which longer "
+                  f"outputs approach")
     console.print(f"loop overhead factor: {e2e['loop_overhead']:.2f} = BiLD all-large / (large + small greedy), "
                   f"per token; 1.00: no cost beyond the two models' steps. Of it: the two models' steps {TURNS} "
                   f"{e2e['turns_overhead']:.2f}, the BiLD loop's own work {e2e['loop_own']:.2f} (all-large / in turns)")

@@ -32,7 +32,7 @@ def _check_record(result: dict, systems: list[str], batch_sizes: list[int], with
     assert result["device"]["count"] >= 1 and result["device"]["platform"] and result["jax_version"]
     assert _positive(result["copy_bandwidth_gb_s"]) and _positive(result["large_over_small_step"])
     for model in result["models"].values():
-        for key in ("params", "weight_bytes", "bytes_per_step", "step_ms", "block_ms", "block_over_step",
+        for key in ("params", "weight_bytes", "bytes_per_step", "step_ms", "block_ms", "block_over_step", "prompt_ms",
                     "bandwidth_gb_s", "bandwidth_utilization"):
             assert _positive(model[key]), key
         assert model["bytes_per_step"] > model["weight_bytes"] * 0.5
@@ -40,8 +40,9 @@ def _check_record(result: dict, systems: list[str], batch_sizes: list[int], with
     rows = result["end_to_end"]["systems"]
     assert [r["system"] for r in rows] == systems
     for row in rows:
-        for key in ("tokens_per_s", "ms_per_token", "speedup"):
+        for key in ("tokens_per_s", "ms_per_token", "speedup", "prompt_share", "decode_speedup"):
             assert _positive(row[key]), (row["system"], key)
+        assert row["prompt_share"] < 1
         assert row["compile_s"] >= 0
     assert rows[0]["speedup"] == 1.0
     all_large = rows[-1]
@@ -82,6 +83,17 @@ def test_loaded_models_get_bild_and_exact_rows(tmp_path):
     assert result["settings"]["prompts"] == str(prompts) and result["settings"]["rollback"] == "inf"
     for row in result["end_to_end"]["systems"][3:]:
         assert 0 <= row["large_token_share"] <= 1
+
+
+def test_prompt_pass_shares_take_each_system_its_models_passes():
+    e2e = {"systems": [{"system": "large greedy", "ms_per_token": 1.0},
+                       {"system": "small greedy", "ms_per_token": 0.25},
+                       {"system": "BiLD", "ms_per_token": 0.5}], "loop_overhead": 1.1}
+    out = bench.with_prompt_pass_shares(e2e, {"large": 8.0, "small": 2.0}, max_new_tokens=40)
+    assert out["loop_overhead"] == 1.1
+    shares = {row["system"]: (row["prompt_share"], row["decode_speedup"]) for row in out["systems"]}
+    # per prompt: large 40 ms (8 in its prompt pass), small 10 ms (2), BiLD 20 ms (8 + 2)
+    assert shares == {"large greedy": (0.2, 1.0), "small greedy": (0.2, 4.0), "BiLD": (0.5, 3.2)}
 
 
 def test_weight_bytes_per_step_reads_one_row_of_an_untied_embedding():
