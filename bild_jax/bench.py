@@ -201,7 +201,7 @@ def _prompt_timer(model: Model, prompt: Sequence[int], max_new_tokens: int) -> C
     (its first call compiles)."""
     ids, lengths = prepare_prompts([list(prompt)], vocab_size=model.vocab_size)
     capacity = decoder_capacity(model, ids.shape[1], max_new_tokens)
-    prompt_pass = jax.jit(lambda model, ids, lengths: prefill(model, ids, lengths, capacity)[0])
+    prompt_pass = jax.jit(lambda model, ids, lengths: prefill(model, ids, lengths, capacity))  # logits, cache
 
     def run() -> float:
         start = time.perf_counter()
@@ -378,15 +378,19 @@ def with_prompt_pass_shares(e2e: dict, prompt_ms: dict[str, float], max_new_toke
     token x `max_new_tokens`) that its prompt passes take (`prompt_ms`: per model, timed apart: the large
     model's for large greedy, the small one's for small greedy, both for the rest), and `decode_speedup`:
     its speedup over large greedy with every system's prompt passes taken out, which a system approaches
-    as it generates longer outputs."""
+    as it generates longer outputs (None where the passes, timed apart, took as long as a whole prompt: the
+    remainder is noise)."""
     def passes(name: str) -> float:
         alone = {"large greedy": prompt_ms["large"], "small greedy": prompt_ms["small"]}
         return alone.get(name, prompt_ms["large"] + prompt_ms["small"])
 
+    def decode_ms(name: str) -> float:
+        return per_prompt[name] - passes(name)
+
     per_prompt = {row["system"]: row["ms_per_token"] * max_new_tokens for row in e2e["systems"]}
-    large_decode = per_prompt["large greedy"] - prompt_ms["large"]
     rows = [dict(row, prompt_share=passes(row["system"]) / per_prompt[row["system"]],
-                 decode_speedup=large_decode / (per_prompt[row["system"]] - passes(row["system"])))
+                 decode_speedup=decode_ms("large greedy") / decode_ms(row["system"])
+                 if min(decode_ms("large greedy"), decode_ms(row["system"])) > 0 else None)
             for row in e2e["systems"]]
     return dict(e2e, systems=rows)
 
@@ -645,7 +649,8 @@ def print_report(result: dict, console: Console | None = None) -> None:
     console.print(f"\n[bold]decode cost[/bold] in ms, batch 1: a step and a block on a cache of "
                   f"{settings['cache_capacity']} slots half full, the median of {settings['step_repeats']} timings of "
                   f"{settings['step_dispatches']} jitted loops of {settings['step_loop']} calls; a prompt pass of the "
-                  f"first prompt, the median of {settings['step_repeats']} timings of {settings['step_dispatches']}")
+                  f"first prompt, the median of {settings['step_repeats']} timings of {settings['step_dispatches']} "
+                  f"passes")
     console.print(_table(
         ["model", "params", "weights", "read/step", "dtype", "step", f"{width}-block", "block/step", "prompt",
          "GB/s", "of copy bw"], rows))
@@ -659,7 +664,8 @@ def print_report(result: dict, console: Console | None = None) -> None:
     rows = [[s["system"], f"{s['tokens_per_s']:.1f}", f"{s['ms_per_token']:.3f}", f"{s['speedup']:.2f}x",
              f"{s['large_token_share']:.0%}" if "large_token_share" in s else "-",
              f"{s['large_calls_per_token']:.2f}" if "large_calls_per_token" in s else "-",
-             f"{s['prompt_share']:.0%}", f"{s['decode_speedup']:.2f}x", f"{s['compile_s']:.1f}"]
+             f"{s['prompt_share']:.0%}", "-" if s["decode_speedup"] is None else f"{s['decode_speedup']:.2f}x",
+             f"{s['compile_s']:.1f}"]
             for s in e2e["systems"]]
     console.print(f"\n[bold]end to end[/bold], batch 1: {settings['num_prompts']} prompts ({settings['prompts']}, "
                   f"up to {settings['prompt_tokens']} tokens), {settings['max_new_tokens']} new tokens each, greedy; "

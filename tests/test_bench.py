@@ -40,9 +40,10 @@ def _check_record(result: dict, systems: list[str], batch_sizes: list[int], with
     rows = result["end_to_end"]["systems"]
     assert [r["system"] for r in rows] == systems
     for row in rows:
-        for key in ("tokens_per_s", "ms_per_token", "speedup", "prompt_share", "decode_speedup"):
+        for key in ("tokens_per_s", "ms_per_token", "speedup", "prompt_share"):
             assert _positive(row[key]), (row["system"], key)
-        assert row["prompt_share"] < 1
+        # Timed apart from the system, tiny models' prompt passes may take as long as a whole prompt.
+        assert row["decode_speedup"] is None or _positive(row["decode_speedup"])
         assert row["compile_s"] >= 0
     assert rows[0]["speedup"] == 1.0
     all_large = rows[-1]
@@ -94,6 +95,9 @@ def test_prompt_pass_shares_take_each_system_its_models_passes():
     shares = {row["system"]: (row["prompt_share"], row["decode_speedup"]) for row in out["systems"]}
     # per prompt: large 40 ms (8 in its prompt pass), small 10 ms (2), BiLD 20 ms (8 + 2)
     assert shares == {"large greedy": (0.2, 1.0), "small greedy": (0.2, 4.0), "BiLD": (0.5, 3.2)}
+    # passes timed longer than a whole prompt: no speedup to report
+    out = bench.with_prompt_pass_shares(e2e, {"large": 8.0, "small": 12.0}, max_new_tokens=40)
+    assert [row["decode_speedup"] for row in out["systems"]] == [1.0, None, None]
 
 
 def test_weight_bytes_per_step_reads_one_row_of_an_untied_embedding():
