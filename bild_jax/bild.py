@@ -494,9 +494,9 @@ def make_bild_decode(small: Model, large: Model, max_new_tokens: int, max_draft:
 def check_pair(small: Model, large: Model) -> None:
     """Clear errors for a small/large pair that cannot decode together."""
     if small.is_encoder_decoder != large.is_encoder_decoder:
-        kinds = {True: "encoder-decoder", False: "decoder-only"}
-        raise InputError(f"cannot pair a {kinds[small.is_encoder_decoder]} small model "
-                         f"({small.config.model_type}) with a {kinds[large.is_encoder_decoder]} large model "
+        kinds = {True: "an encoder-decoder", False: "a decoder-only"}
+        raise InputError(f"cannot pair {kinds[small.is_encoder_decoder]} small model "
+                         f"({small.config.model_type}) with {kinds[large.is_encoder_decoder]} large model "
                          f"({large.config.model_type})")
     if small.vocab_size != large.vocab_size:
         raise InputError(f"the models' vocabularies differ: small has {small.vocab_size} rows, large has "
