@@ -35,8 +35,8 @@ COLUMNS = [("system", "system", "{}"), ("tokens_per_s", "tokens/s", "{:.0f}"), (
            ("exact_match", "= large", "{:.0%}"), ("rouge_l", "ROUGE-L", "{:.1f}"),
            ("fallback_rate", "fallback/tok", "{:.2f}"), ("rollback_rate", "rollback/tok", "{:.2f}"),
            ("large_calls_per_token", "large calls/tok", "{:.2f}")]
-SUMMARIZE_COLUMNS = (COLUMNS[:5] + [("rouge_l_change", "vs large", "{:+.1f}")] + COLUMNS[5:]
-                     + [("settings", "settings", "{}")])
+# 120 columns wide: the settings go below the table.
+SUMMARIZE_COLUMNS = COLUMNS[:5] + [("rouge_l_change", "vs large", "{:+.1f}")] + COLUMNS[5:7]
 
 
 def load_demo_prompts(path: Path, count: int, with_continuation: bool = False) -> list[dict]:
@@ -153,6 +153,8 @@ def run_summarize_demo(small: str = "bundled:t5-small", aligned: str = "bundled:
         row.update(settings=settings[row["system"]], rouge_l_change=row["rouge_l"] - rows[0]["rouge_l"])
     console.print(_table(rows, f"{len(samples)} held-out functions summarized (T5 pair, small models in "
                                f"{SMALL_MODEL_DTYPE}), {max_new_tokens} new tokens at most", SUMMARIZE_COLUMNS))
+    for row in rows[2:]:
+        console.print(f"{row['system']}: {row['settings']}")
     console.print(f"ROUGE-L against the functions' docstrings (first sentence); large-only "
                   f"{rows[0]['rouge_l']:.1f}, BiLD changes: " + ", ".join(
                       f"{row['system']} {row['rouge_l_change']:+.1f}" for row in rows[2:]))

@@ -42,7 +42,7 @@ def tiny_pair(tmp_path_factory):
 
 def test_summarize_demo_prints_the_table_one_row_per_operating_point(tiny_pair):
     large, small, aligned, samples_file = tiny_pair
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=120)
     rows = run_summarize_demo(small=str(small), aligned=str(aligned), large=str(large), samples_file=samples_file,
                               num_prompts=2, max_new_tokens=6, console=console)
     # The unaligned model has no profile: the library defaults, no fast point; the aligned one has a fast one.
@@ -55,8 +55,11 @@ def test_summarize_demo_prints_the_table_one_row_per_operating_point(tiny_pair):
     for row in rows[2:]:
         assert 0 <= row["fallback_rate"] <= 1 and 0 <= row["rollback_rate"] <= 1
     printed = console.export_text()
-    for header in ("speedup", "ROUGE-L", "vs large", "fallback/tok", "rollback/tok", "settings", "BiLD aligned, fast"):
+    for header in ("speedup", "ROUGE-L", "vs large", "fallback/tok", "rollback/tok"):
         assert header in printed
+    assert "│ BiLD unaligned, quality │" in printed  # the table fits 120 columns: no name wraps
+    assert "BiLD aligned, fast: fallback 0.9, rollback 1, max_draft 10\n" in printed
+    assert "BiLD exact: fallback 0.6, rollback 5, max_draft 10, exact\n" in printed
 
 
 def test_unknown_task_is_one_line_and_exit_code_2():
