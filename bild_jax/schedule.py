@@ -104,16 +104,18 @@ class ScheduleTable:
 
 
 # Measured with `bild-jax bench --batch-sizes 1,4,16 --num-prompts 16` on the bundled aligned pair, 2-core CPU,
-# with the native matmul kernel (README, "Throughput by batch size"): full synchronisation with long drafts
+# with the native matmul kernel (docs/HISTORY.md, "Throughput by batch size"): full synchronisation with long drafts
 # wins at batch 1 (1.51x), and from batch 4 on no candidate beat the large model alone (best 0.91x of greedy
 # decoding at 4; at 16 1.03x, against the large model alone's own 1.07x in the same runs), so it decodes
 # alone there. 2 and 3 rows keep batch 1's schedule: at batch 2 it measured 1.09x and 1.38x in two runs on a
-# loaded machine (`--batch-sizes 1,2,4`); 3 was not measured. Other backends start from full synchronisation
+# loaded machine (`--batch-sizes 1,2,4`); 3 was not measured. Measured again on a 2-core Xeon with AMX
+# (`--batch-sizes 1,4,16,64 --num-prompts 64`): 1.98x at batch 1, and the best candidates 0.97x at 4, 0.88x at
+# 16 and 0.71x at 64 of greedy decoding: the same table. Other backends start from full synchronisation
 # with long drafts, what a memory-bound accelerator favours; measure a table there for the guarantee against
 # large-only.
 CPU_SCHEDULES = ScheduleTable(
     entries=((1, BatchSchedule()), (4, BatchSchedule(large_only=True))),
-    measured_on="bundled aligned pair, 2-core AMD EPYC CPU, native matmul kernel")
+    measured_on="bundled aligned pair, 2-core CPUs (AMD EPYC, Intel Xeon), native kernels")
 ACCELERATOR_SCHEDULES = ScheduleTable(entries=((1, BatchSchedule()),), measured_on="not measured: defaults")
 
 
