@@ -47,7 +47,8 @@ from bild_jax.hub import BUNDLED_DIR, load_model  # noqa: E402
 TOKENIZER_DIR = BUNDLED_DIR / "large"  # the decoder pair's tokenizer (see summarize_data's docstring)
 # T5 v1.0 layout (ReLU MLP, tied embeddings). Sizes measured on a 2-core CPU (experiments/measure_sizes.py
 # --pair t5): the large costs 7.6x the small per generated token and its 11-token verification 2.92x one
-# step, at a load of ~2.6 (short of the >= 8x / <= 2x aimed for; README, the paper's setting).
+# step, at a load of ~2.6 (short of the >= 8x / <= 2x aimed for, which later kernels met: README, the paper's
+# setting).
 SIZES = {
     "small": dict(d_model=96, d_kv=32, num_heads=3, d_ff=384, num_layers=2, num_decoder_layers=2),
     "large": dict(d_model=256, d_kv=64, num_heads=4, d_ff=768, num_layers=2, num_decoder_layers=6),
