@@ -39,7 +39,7 @@ from bild_jax import reductions
 from bild_jax.bild import BiLDConfig, bild_generate
 from bild_jax.demo import DEMO_PROMPTS, load_demo_prompts
 from bild_jax.errors import InputError
-from bild_jax.evaluation import run_systems
+from bild_jax.evaluation import SystemRun, padded_shape, run_systems
 from bild_jax.generate import GenerateOutput, greedy_generate, prepare_inputs
 from bild_jax.hub import BUNDLED_PREFIX, SMALL_MODEL_DTYPE, load_model
 from bild_jax.model import Model, for_decode_loop, with_panels
@@ -293,45 +293,18 @@ def in_turns(small: Model, large: Model, input_ids, max_new_tokens: int) -> Gene
                      max_new_tokens=int(max_new_tokens))
 
 
-@dataclasses.dataclass
-class _Calls:
-    """A generate function that records the wall time and generated tokens of each of its calls."""
-
-    generate: Callable
-    seconds: list = dataclasses.field(default_factory=list)
-    tokens: list = dataclasses.field(default_factory=list)
-
-    def __call__(self, prompts):
-        start = time.perf_counter()
-        out = jax.block_until_ready(self.generate(prompts))
-        self.seconds.append(time.perf_counter() - start)
-        self.tokens.append(int(np.asarray(out.lengths).sum()))
-        return out
-
-    @property
-    def steady_seconds(self) -> float:
-        return sum(self.seconds[1:])
-
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(self.tokens[1:]) / self.steady_seconds
-
-    @property
-    def median_ms_per_token(self) -> float:
-        return 1000 * float(np.median([s / t for s, t in zip(self.seconds[1:], self.tokens[1:])]))
-
-    @property
-    def compile_s(self) -> float:
-        """The first call less the first steady call, which runs the same input (see `run_systems`)."""
-        return max(self.seconds[0] - self.seconds[1], 0.0)
+def _take_turns(systems: dict[str, Callable], items: Sequence, on_call: Callable,
+                batch_shape: Callable | None = None) -> dict[str, SystemRun]:
+    """Runs the systems on `items` with `run_systems` (a compiling call each, timed apart, on the first item
+    and on every new `batch_shape`; then turns item by item): {name: its SystemRun, one pass}."""
+    runs = run_systems(list(systems.items()), items, on_call=lambda _: on_call(), batch_shape=batch_shape)
+    return {run.name: run for run in runs}
 
 
-def _take_turns(systems: dict[str, Callable], items: Sequence, on_call: Callable) -> dict[str, tuple[_Calls, dict]]:
-    """Runs the systems on `items` with `run_systems` (one compiling call each, then turns item by item):
-    {name: (the recorded calls, the BiLD counters summed over items, empty for greedy)}."""
-    calls = {name: _Calls(generate) for name, generate in systems.items()}
-    runs = run_systems(list(calls.items()), items, on_call=lambda _: on_call())
-    return {run.name: (calls[run.name], run.stats) for run in runs}
+def _median_ms_per_token(run: SystemRun) -> float:
+    """ms per generated token of a batch-1 run: the median over its prompts (steady calls only)."""
+    per_prompt = [seconds / len(tokens) for seconds, tokens in zip(run.batch_seconds[0], run.outputs)]
+    return 1000 * float(np.median(per_prompt))
 
 
 def _bild_systems(config: BiLDConfig, with_acceptance: bool) -> dict[str, BiLDConfig]:
@@ -356,30 +329,31 @@ def end_to_end(small: Model, large: Model, prompts: Sequence[Sequence[int]], con
                TURNS: lambda p: in_turns(small, large, p, n)}
     bild = _bild_systems(config, with_acceptance)
     systems.update({name: functools.partial(bild_generate, small, large, config=c) for name, c in bild.items()})
-    results = _take_turns(systems, prompts, on_call)
-    baseline = results["large greedy"][0].steady_seconds
+    # Prompts of several buckets (a prompts file, the T5 pair's inputs) compile once per bucket, timed apart.
+    results = _take_turns(systems, prompts, on_call, batch_shape=padded_shape)
+    baseline = results["large greedy"].seconds
     rows = []
-    for name, (calls, stats) in results.items():
-        row = dict(system=name, tokens_per_s=calls.tokens_per_s, ms_per_token=calls.median_ms_per_token,
-                   speedup=baseline / calls.steady_seconds, compile_s=calls.compile_s)
-        if stats:
-            tokens = stats["small_tokens"] + stats["large_tokens"]
-            row.update(large_token_share=stats["large_tokens"] / tokens,
-                       large_calls_per_token=stats["large_calls"] / tokens)
+    for name, run in results.items():
+        row = dict(system=name, tokens_per_s=run.tokens_per_s, ms_per_token=_median_ms_per_token(run),
+                   speedup=baseline / run.seconds, compile_s=run.compile_seconds)
+        if run.stats:
+            tokens = run.stats["small_tokens"] + run.stats["large_tokens"]
+            row.update(large_token_share=run.stats["large_tokens"] / tokens,
+                       large_calls_per_token=run.stats["large_calls"] / tokens)
         rows.append(row)
-    per_token = {name: calls.median_ms_per_token for name, (calls, _) in results.items()}
+    per_token = {name: _median_ms_per_token(run) for name, run in results.items()}
     apart = per_token["large greedy"] + per_token["small greedy"]
     return {"systems": rows, "loop_overhead": per_token["BiLD all-large"] / apart,
             "turns_overhead": per_token[TURNS] / apart, "loop_own": per_token["BiLD all-large"] / per_token[TURNS]}
 
 
 def with_prompt_pass_shares(e2e: dict, prompt_ms: dict[str, float], max_new_tokens: int) -> dict:
-    """`end_to_end`'s record with, per system, `prompt_share`: the part of its time per prompt (median ms per
-    token x `max_new_tokens`) that its prompt passes take (`prompt_ms`: per model, timed apart: the large
-    model's for large greedy, the small one's for small greedy, both for the rest), and `decode_speedup`:
-    its speedup over large greedy with every system's prompt passes taken out, which a system approaches
-    as it generates longer outputs (None where the passes, timed apart, took as long as a whole prompt: the
-    remainder is noise)."""
+    """`end_to_end`'s record with, per system, `prompt_share`: the part of its mean time per prompt
+    (`max_new_tokens` over its tokens/s: the time its speedup compares) that its prompt passes take
+    (`prompt_ms`: per model, timed apart: the large model's for large greedy, the small one's for small
+    greedy, both for the rest), and `decode_speedup`: its speedup over large greedy with every system's
+    prompt passes taken out, which a system approaches as it generates longer outputs (None where the
+    passes, timed apart, took as long as a whole prompt: the remainder is noise)."""
     def passes(name: str) -> float:
         alone = {"large greedy": prompt_ms["large"], "small greedy": prompt_ms["small"]}
         return alone.get(name, prompt_ms["large"] + prompt_ms["small"])
@@ -387,7 +361,7 @@ def with_prompt_pass_shares(e2e: dict, prompt_ms: dict[str, float], max_new_toke
     def decode_ms(name: str) -> float:
         return per_prompt[name] - passes(name)
 
-    per_prompt = {row["system"]: row["ms_per_token"] * max_new_tokens for row in e2e["systems"]}
+    per_prompt = {row["system"]: 1000 * max_new_tokens / row["tokens_per_s"] for row in e2e["systems"]}
     rows = [dict(row, prompt_share=passes(row["system"]) / per_prompt[row["system"]],
                  decode_speedup=decode_ms("large greedy") / decode_ms(row["system"])
                  if min(decode_ms("large greedy"), decode_ms(row["system"])) > 0 else None)
@@ -426,18 +400,18 @@ def batch_throughput(small: Model, large: Model, prompts: Sequence[Sequence[int]
         candidate = dataclasses.replace(config, schedule=schedule)
         systems[f"candidate {index}"] = functools.partial(lambda c, item: bild_generate(small, large, item[0], c),
                                                           candidate)
-    results = _take_turns(systems, _batches(prompts, batch_size), on_call)
-    greedy_seconds = results["greedy"][0].steady_seconds
-    row = dict(batch=batch_size, greedy_tokens_per_s=results["greedy"][0].tokens_per_s)
+    results = _take_turns(systems, _batches(prompts, batch_size), on_call)  # one batch shape
+    greedy_seconds = results["greedy"].seconds
+    row = dict(batch=batch_size, greedy_tokens_per_s=results["greedy"].tokens_per_s)
     if not with_bild:
         return row
-    tried = [dict(schedule=dataclasses.asdict(schedule), tokens_per_s=results[f"candidate {i}"][0].tokens_per_s,
-                  speedup=greedy_seconds / results[f"candidate {i}"][0].steady_seconds)
+    tried = [dict(schedule=dataclasses.asdict(schedule), tokens_per_s=results[f"candidate {i}"].tokens_per_s,
+                  speedup=greedy_seconds / results[f"candidate {i}"].seconds)
              for i, schedule in enumerate(candidates)]
     fastest = max(tried, key=lambda c: c["speedup"])
     best = fastest["schedule"] if fastest["speedup"] > 1.0 else dataclasses.asdict(BatchSchedule(large_only=True))
-    return dict(row, bild_tokens_per_s=results["BiLD"][0].tokens_per_s,
-                bild_speedup=greedy_seconds / results["BiLD"][0].steady_seconds,
+    return dict(row, bild_tokens_per_s=results["BiLD"].tokens_per_s,
+                bild_speedup=greedy_seconds / results["BiLD"].seconds,
                 schedule=dataclasses.asdict(resolve(config.schedule, batch_size)), candidates=tried, best=best)
 
 

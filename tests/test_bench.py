@@ -12,13 +12,17 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from bild_jax import bench, cli
+from bild_jax import bench, cli, evaluation
 from bild_jax.bench import CANDIDATE_SCHEDULES
+from bild_jax.bild import BiLDConfig
+from bild_jax.evaluation import padded_shape
 from bild_jax.schedule import BatchSchedule, ScheduleTable
 
 SMALL_RUN = dict(num_prompts=2, max_new_tokens=4)
@@ -87,9 +91,10 @@ def test_loaded_models_get_bild_and_exact_rows(tmp_path):
 
 
 def test_prompt_pass_shares_take_each_system_its_models_passes():
-    e2e = {"systems": [{"system": "large greedy", "ms_per_token": 1.0},
-                       {"system": "small greedy", "ms_per_token": 0.25},
-                       {"system": "BiLD", "ms_per_token": 0.5}], "loop_overhead": 1.1}
+    # Shares of the mean time per prompt, as the speedups are (not of the median ms per token)
+    e2e = {"systems": [{"system": "large greedy", "tokens_per_s": 1000.0, "ms_per_token": 0.9},
+                       {"system": "small greedy", "tokens_per_s": 4000.0, "ms_per_token": 0.25},
+                       {"system": "BiLD", "tokens_per_s": 2000.0, "ms_per_token": 0.3}], "loop_overhead": 1.1}
     out = bench.with_prompt_pass_shares(e2e, {"large": 8.0, "small": 2.0}, max_new_tokens=40)
     assert out["loop_overhead"] == 1.1
     shares = {row["system"]: (row["prompt_share"], row["decode_speedup"]) for row in out["systems"]}
@@ -98,6 +103,61 @@ def test_prompt_pass_shares_take_each_system_its_models_passes():
     # passes timed longer than a whole prompt: no speedup to report
     out = bench.with_prompt_pass_shares(e2e, {"large": 8.0, "small": 12.0}, max_new_tokens=40)
     assert [row["decode_speedup"] for row in out["systems"]] == [1.0, None, None]
+
+
+@dataclasses.dataclass
+class _Output:
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+
+@dataclasses.dataclass
+class _Counters:
+    small_tokens: np.ndarray
+    large_tokens: np.ndarray
+    large_calls: np.ndarray
+
+
+@dataclasses.dataclass
+class _BildOutput(_Output):
+    from_large: np.ndarray
+    stats: _Counters
+
+
+def test_end_to_end_compiles_each_prompt_bucket_outside_the_timings(monkeypatch):
+    # Fake systems on a fake clock: a steady call takes 1 s for 2 tokens; a system's first call on a prompt
+    # bucket also compiles, 4 s for greedy decoding and 9 s for BiLD. Two of the three prompts share a bucket.
+    now = [0.0]
+    monkeypatch.setattr(evaluation, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    compiled = set()
+
+    def call(program, prompts, compile_seconds: float) -> None:
+        now[0] += 1.0 + (0.0 if (program, padded_shape(prompts)) in compiled else compile_seconds)
+        compiled.add((program, padded_shape(prompts)))
+
+    def greedy(model, prompts, max_new_tokens, eos_token_id):
+        call(model, prompts, 4.0)
+        return _Output(np.full((1, 2), 7), np.array([2]))
+
+    def turns(small, large, prompts, max_new_tokens):
+        call("in turns", prompts, 4.0)
+        return _Output(np.full((1, 2), 7), np.array([2]))
+
+    def bild(small, large, prompts, config):
+        call(config, prompts, 9.0)
+        ones = np.array([1])
+        return _BildOutput(np.full((1, 2), 7), np.array([2]), np.zeros((1, 2), bool), _Counters(ones, ones, ones))
+
+    monkeypatch.setattr(bench, "greedy_generate", greedy)
+    monkeypatch.setattr(bench, "in_turns", turns)
+    monkeypatch.setattr(bench, "bild_generate", bild)
+    prompts = [[1] * 3, [2] * 20, [3] * 5]
+    assert padded_shape(prompts[:1]) == padded_shape(prompts[2:]) != padded_shape(prompts[1:2])
+    record = bench.end_to_end("small", "large", prompts, BiLDConfig(max_new_tokens=2))
+    for row in record["systems"]:
+        assert row["speedup"] == 1.0 and row["ms_per_token"] == 500.0 and row["tokens_per_s"] == 2.0, row
+        assert row["compile_s"] == (18.0 if row["system"].startswith("BiLD") else 8.0), row
+    assert record["loop_overhead"] == 0.5 and record["loop_own"] == 1.0
 
 
 def test_weight_bytes_per_step_reads_one_row_of_an_untied_embedding():
