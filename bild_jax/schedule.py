@@ -103,19 +103,19 @@ class ScheduleTable:
                              f"({error})") from None
 
 
-# Measured with `bild-jax bench --batch-sizes 1,4,16 --num-prompts 16` on the bundled aligned pair, 2-core CPU,
-# with the native matmul kernel (docs/HISTORY.md, "Throughput by batch size"): full synchronisation with long drafts
-# wins at batch 1 (1.51x), and from batch 4 on no candidate beat the large model alone (best 0.91x of greedy
-# decoding at 4; at 16 1.03x, against the large model alone's own 1.07x in the same runs), so it decodes
-# alone there. 2 and 3 rows keep batch 1's schedule: at batch 2 it measured 1.09x and 1.38x in two runs on a
-# loaded machine (`--batch-sizes 1,2,4`); 3 was not measured. Measured again on a 2-core Xeon with AMX
-# (`--batch-sizes 1,4,16,64 --num-prompts 64`): 1.98x at batch 1, and the best candidates 0.97x at 4, 0.88x at
-# 16 and 0.71x at 64 of greedy decoding: the same table. Other backends start from full synchronisation
-# with long drafts, what a memory-bound accelerator favours; measure a table there for the guarantee against
-# large-only.
+# Measured with `bild-jax bench` on the bundled aligned pair, 2-core CPUs, native kernels (README, "Throughput by
+# batch size"). A 2-core Xeon with AMX, `--batch-sizes 1,2,3,4 --num-prompts 48` and `--batch-sizes 2,3,4
+# --num-prompts 64`, BiLD's candidate schedules over greedy decoding: batch 1 full synchronisation with long
+# drafts, 2.08x; batch 2 drafts <= 5, 1.29x in both runs (long drafts 1.26x / 1.22x); batch 3 drafts <= 3,
+# 1.10x / 1.11x (long drafts 0.93x / 0.97x: slower than greedy); batch 4 drafts <= 3, 1.03x / 1.05x and 1.04x
+# in a third run, but 0.97x in a fourth (0.91x on an AMD EPYC before), within noise of the
+# large model alone, which is kept from batch 4 on: at 16 and 64 every candidate lost (best 0.88x, 0.71x).
+# Other backends start from full synchronisation with long drafts, what a memory-bound accelerator favours;
+# measure a table there for the guarantee against large-only.
 CPU_SCHEDULES = ScheduleTable(
-    entries=((1, BatchSchedule()), (4, BatchSchedule(large_only=True))),
-    measured_on="bundled aligned pair, 2-core CPUs (AMD EPYC, Intel Xeon), native kernels")
+    entries=((1, BatchSchedule()), (2, BatchSchedule(draft_limit=5)), (3, BatchSchedule(draft_limit=3)),
+             (4, BatchSchedule(large_only=True))),
+    measured_on="bundled aligned pair, 2-core Intel Xeon CPU (AMX), native kernels")
 ACCELERATOR_SCHEDULES = ScheduleTable(entries=((1, BatchSchedule()),), measured_on="not measured: defaults")
 
 
