@@ -108,8 +108,8 @@ class ScheduleTable:
 # --num-prompts 64`, BiLD's candidate schedules over greedy decoding: batch 1 full synchronisation with long
 # drafts, 2.08x; batch 2 drafts <= 5, 1.29x in both runs (long drafts 1.26x / 1.22x); batch 3 drafts <= 3,
 # 1.10x / 1.11x (long drafts 0.93x / 0.97x: slower than greedy); batch 4 drafts <= 3, 1.03x / 1.05x and 1.04x
-# in a third run, but 0.97x in a fourth (0.91x on an AMD EPYC before), within noise of the
-# large model alone, which is kept from batch 4 on: at 16 and 64 every candidate lost (best 0.88x, 0.71x).
+# in a third run, but 0.97x in a fourth (0.91x on an AMD EPYC before): within noise of the large model alone,
+# which is kept from batch 4 on; at 16 and 64 every candidate lost (best 0.88x and 0.71x, 0.81x and 0.74x).
 # Other backends start from full synchronisation with long drafts, what a memory-bound accelerator favours;
 # measure a table there for the guarantee against large-only.
 CPU_SCHEDULES = ScheduleTable(
