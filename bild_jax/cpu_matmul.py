@@ -60,6 +60,9 @@ class PanelKernel:
     panels: jax.Array
     # Set by `model.for_prompt_pass`: a bfloat16 kernel's products of many rows may go to XLA's dot.
     in_prompt_pass: bool = struct.field(pytree_node=False, default=False)
+    # Set by `model.with_panels`: its model's panels fit in the cores' L2 caches together
+    # (`native_library.l2_cache_bytes`), so the native threads split its products from both ends.
+    in_cache: bool = struct.field(pytree_node=False, default=False)
 
     shape = property(lambda self: self.dense.shape)
     dtype = property(lambda self: self.dense.dtype)
@@ -79,6 +82,7 @@ class PanelTable:
 
     table: jax.Array
     panels: jax.Array
+    in_cache: bool = struct.field(pytree_node=False, default=False)  # as `PanelKernel.in_cache`
 
     shape = property(lambda self: self.table.shape)
     dtype = property(lambda self: self.table.dtype)
@@ -94,19 +98,19 @@ def packable(kernel) -> bool:
             and native_library.available())
 
 
-def panel_kernel(kernel: jax.Array) -> PanelKernel:
+def panel_kernel(kernel: jax.Array, in_cache: bool = False) -> PanelKernel:
     """kernel [K, N] (`packable`) -> `PanelKernel` (one native copy, about as fast as memory copies; a
     bfloat16 kernel's panels have K + K % 2 rows, in pairs). Derivatives flow through `dense` only
-    (`_native_products`' rule reads it)."""
+    (`_native_products`' rule reads it). `in_cache`: see `PanelKernel`."""
     rows = kernel.shape[0] + kernel.shape[0] % 2 if kernel.dtype == jnp.bfloat16 else kernel.shape[0]
     call = jax.ffi.ffi_call("bild_panels", jax.ShapeDtypeStruct((rows, kernel.shape[1]), kernel.dtype),
                             vmap_method="sequential")
-    return PanelKernel(dense=kernel, panels=call(lax.stop_gradient(kernel)))
+    return PanelKernel(dense=kernel, panels=call(lax.stop_gradient(kernel)), in_cache=in_cache)
 
 
-def panel_table(table: jax.Array) -> PanelTable:
+def panel_table(table: jax.Array, in_cache: bool = False) -> PanelTable:
     """table [V, K] (`packable`) -> `PanelTable` (its transpose packed as `panel_kernel` packs a kernel)."""
-    return PanelTable(table=table, panels=panel_kernel(table.T).panels)
+    return PanelTable(table=table, panels=panel_kernel(table.T).panels, in_cache=in_cache)
 
 
 def promote_table(*arrays, dtype=None, inexact: bool = True) -> list:
@@ -162,7 +166,7 @@ def attend(table, x: jax.Array) -> jax.Array:
     values = unpacked(table)
     if native_applies(x, values):
         if isinstance(table, PanelTable):
-            return _native_products(x, PanelKernel(dense=values.T, panels=table.panels))[0]
+            return _native_products(x, PanelKernel(dense=values.T, panels=table.panels, in_cache=table.in_cache))[0]
         return _native_transposed(x, values)
     return _xla_product(x, values, (((x.ndim - 1,), (1,)), ((), ())))
 
@@ -261,7 +265,8 @@ def native_reads(weight: jax.Array, rows: int, group_bytes: int | None = None) -
 @jax.custom_jvp
 def _native_products(x: jax.Array, *kernels: PanelKernel) -> tuple[jax.Array, ...]:
     outputs = tuple(jax.ShapeDtypeStruct(x.shape[:-1] + (kernel.shape[1],), x.dtype) for kernel in kernels)
-    return jax.ffi.ffi_call("bild_matmul", outputs, vmap_method="sequential")(x, *(k.panels for k in kernels))
+    return jax.ffi.ffi_call("bild_matmul", outputs, vmap_method="sequential")(
+        x, *(k.panels for k in kernels), in_cache=all(k.in_cache for k in kernels))
 
 
 @_native_products.defjvp

@@ -156,12 +156,18 @@ def with_panels(model: Model) -> Model:
     for as long as `model` lives: the next call returns it."""
     output_table = model.family.output_table(model.config)
 
-    def pack(path, param):
-        if _packs(output_table, path, param):
-            return (cpu_matmul.panel_kernel if path[-1].key == "kernel" else cpu_matmul.panel_table)(param)
-        return param
-
     def packed() -> Model:
+        # A model whose panels fit in the cores' L2 caches together keeps them there between steps: each
+        # thread then takes the same panels call after call (`PanelKernel.in_cache`).
+        size = _packed_bytes(model)
+        in_cache = 0 < size <= native_library.l2_cache_bytes()
+
+        def pack(path, param):
+            if _packs(output_table, path, param):
+                pack_one = cpu_matmul.panel_kernel if path[-1].key == "kernel" else cpu_matmul.panel_table
+                return pack_one(param, in_cache)
+            return param
+
         return model.replace(params=jax.tree_util.tree_map_with_path(pack, model.params, is_leaf=_is_packed))
 
     return _remembered(model, "with_panels", packed)
@@ -169,8 +175,11 @@ def with_panels(model: Model) -> Model:
 
 def panel_copy_bytes(model: Model) -> int:
     """Bytes of the panel-major copies `with_panels(model)` makes (0 where it has made them already)."""
-    if "with_panels" in _REMEMBERED.get(id(model), {}):
-        return 0
+    return 0 if "with_panels" in _REMEMBERED.get(id(model), {}) else _packed_bytes(model)
+
+
+def _packed_bytes(model: Model) -> int:
+    """Bytes of the params `with_panels` packs (as many as their panel-major copies)."""
     output_table = model.family.output_table(model.config)
     leaves = jax.tree_util.tree_leaves_with_path(model.params, is_leaf=_is_packed)
     return sum(param.nbytes for path, param in leaves if _packs(output_table, path, param))

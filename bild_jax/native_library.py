@@ -49,6 +49,28 @@ def has_amx() -> bool:
 
 
 @functools.cache
+def l2_cache_bytes() -> int:
+    """Bytes of L2 cache of the cores this process may run on, each cache counted once (Linux sysfs; 0 where
+    unknown)."""
+    caches = {}
+    for cpu in os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ():
+        for index in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
+            try:
+                if (index / "level").read_text().strip() == "2":
+                    caches[(index / "shared_cpu_list").read_text().strip()] = _bytes((index / "size").read_text())
+            except (OSError, ValueError):
+                continue
+    return sum(caches.values())
+
+
+def _bytes(size: str) -> int:
+    """sysfs cache sizes such as "2048K" -> bytes."""
+    size = size.strip()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+    return int(size[:-1] if scale > 1 else size) * scale
+
+
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels with their FFI targets registered, or None (with one warning) if they cannot be
     built."""

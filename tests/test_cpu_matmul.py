@@ -128,6 +128,45 @@ def test_a_group_of_kernels_is_one_call_with_each_kernel_s_own_sums():
                                   np.asarray(jnp.asarray(x[:1]) @ mixed[1].dense))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_products_split_from_both_ends_give_the_same_sums(dtype):
+    """A model that fits in the cores' L2 caches has its threads take panels from both ends of a product
+    (`PanelKernel.in_cache`): every panel is still computed once, with the same sums."""
+    x, w = _operands(11, seed=2)
+    w = jnp.asarray(w, dtype)
+    products = {"kernel": lambda a, kernel: cpu_matmul.dense_dot_general(a, kernel, (((1,), (0,)), ((), ()))),
+                "panel table": lambda a, table: cpu_matmul.attend(table, a)}
+    packs = {"kernel": cpu_matmul.panel_kernel, "panel table": lambda v, flag: cpu_matmul.panel_table(v.T, flag)}
+    for kind, pack in packs.items():
+        outputs = {}
+        for in_cache in (False, True):
+            weight = pack(w, in_cache)
+
+            def product(a):
+                return products[kind](a, weight)
+
+            assert f"in_cache = {str(in_cache).lower()}" in _lowered(product, x)
+            outputs[in_cache] = [np.asarray(jax.jit(product)(x[:rows])) for rows in (1, 2, 11)]
+        for split, interleaved in zip(outputs[True], outputs[False]):
+            np.testing.assert_array_equal(split, interleaved)
+
+
+def test_models_that_fit_in_the_l2_caches_are_marked_in_cache(monkeypatch, bild_pair):
+    """`with_panels` marks every packed weight of a model whose packed params fit in the cores' L2 caches
+    together (sysfs sizes such as "2048K"), and none of a larger one."""
+    from bild_jax.model import panel_copy_bytes
+
+    assert native_library._bytes("2048K\n") == 2 << 20 and native_library._bytes("1M") == 1 << 20
+    model = bild_pair("llama")[1]
+    size = panel_copy_bytes(model.replace())
+    for l2_bytes, expected in ((size, True), (size - 1, False), (0, False)):
+        monkeypatch.setattr(native_library, "l2_cache_bytes", lambda: l2_bytes)
+        packed = with_panels(model.replace())  # a fresh object: `with_panels` remembers per model
+        marks = [leaf.in_cache for leaf in jax.tree_util.tree_leaves(packed.params, is_leaf=lambda leaf: isinstance(
+            leaf, (cpu_matmul.PanelKernel, cpu_matmul.PanelTable))) if hasattr(leaf, "in_cache")]
+        assert marks and set(marks) == {expected}
+
+
 @pytest.mark.parametrize("kind", ["kernel", "table", "panel table"])
 def test_bfloat16_weights_take_their_rows_rounded_to_bfloat16(kind):
     """The kernel reads float32 rows as bfloat16 (to nearest even): rows that are bfloat16 values already
