@@ -427,9 +427,10 @@ void Products(ffi::ThreadPool& pool, const std::vector<Product<W>>& products, bo
 
 // ys[i][..., N_i] = x[..., K] @ ws[i][K, N_i] for a group of weights of one dtype, float32 or bfloat16.
 // `in_cache`: the weights' model fits in the cores' L2 caches, so the threads split the panels from both
-// ends (`InChunks`; `bild-jax demo`, two runs each: the bundled small model's greedy decoding 7.9-8.2x -> 8.7x
-// the large model's speed, BiLD exact 1.78-1.80x -> 1.84x). A model streamed from memory keeps the threads on
-// consecutive panels: from both ends, the bundled large model's greedy decoding took 1.03-1.05x the time.
+// ends (`InChunks`). The bundled small model packed both ways in one process, taking turns over 64 prompts, two
+// runs: its greedy decoding 0.93x / 0.95x the time, BiLD exact 0.97x / 0.985x, aligned 0.98x / 0.985x. A model
+// streamed from memory keeps the threads on consecutive panels: from both ends, the bundled large model's greedy
+// decoding took 1.03-1.05x the time (`bild-jax demo`, two runs each way).
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
                   ffi::RemainingRets outputs, bool in_cache) {
   if (weights.size() == 0 || weights.size() != outputs.size())
