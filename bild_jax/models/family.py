@@ -48,7 +48,8 @@ class ModelFamily:
       its fields (`config_class(**fields)`, lists made tuples).
     - `module`: the Flax module, built as `module(config)`; decoder-only:
       `(tokens [B, K] int32, cache=None, attention_mask=None, logits_at=None) -> (logits [B, K, V] float32,
-      KVBlock | None)`, where `logits_at` [B] int32 asks for logits [B, 1, V] at that position of each row,
+      KVBlock | None)`, where `logits_at` [B] int32 asks for logits [B, 1, V] at that position of each row
+      (a prompt pass: the last layer then needs only its keys and values at the other positions),
       encoder-decoder: `__call__(input_ids, decoder_input_ids, attention_mask) -> logits` and
       `decode(tokens, cache) -> (logits, KVBlock)`.
     - `init_cache(config, batch, capacity, dtype)`: an empty decoder cache.

@@ -90,18 +90,22 @@ class GPT2Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, mask, cache):
+    def __call__(self, x, mask, cache, query_at=None):
+        """x [B, K, n_embd] -> (output [B, K, n_embd], keys and values [B, K, H, D]); with `query_at` [B]
+        int32 the output is of that query of each row only, [B, 1, n_embd] (the keys and values of all K)."""
         cfg = self.config
         batch, width, _ = x.shape
         # c_attn's kernel is HF's Conv1D weight as is: [n_embd, 3 * n_embd], columns ordered q | k | v.
         qkv = Dense(3 * cfg.n_embd, name="c_attn")(x).reshape(batch, width, 3, cfg.n_head, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         keys, values = cached_keys_values(cache, self.layer, k, v)
+        if query_at is not None:
+            q, mask = take_at(q, query_at)[:, None], take_at(mask, query_at)[:, None]           # [B, 1, ...]
         scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer + 1
         out = attention(q, keys, values, mask, scale=scale)
-        out = Dense(cfg.n_embd, name="c_proj")(out.reshape(batch, width, -1))
+        out = Dense(cfg.n_embd, name="c_proj")(out.reshape(batch, q.shape[1], -1))
         return out, k, v
 
 
@@ -120,9 +124,13 @@ class GPT2Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, h, mask, cache):
+    def __call__(self, h, mask, cache, query_at=None):
+        """h [B, K, n_embd] -> (h, keys, values); with `query_at` [B] int32, h of that position of each row
+        only, [B, 1, n_embd] (a prompt pass's last layer)."""
         cfg = self.config
-        attn, keys, values = GPT2Attention(cfg, self.layer, name="attn")(_layer_norm(cfg, "ln_1")(h), mask, cache)
+        attn, keys, values = GPT2Attention(cfg, self.layer, name="attn")(_layer_norm(cfg, "ln_1")(h), mask, cache,
+                                                                         query_at)
+        h = h if query_at is None else take_at(h, query_at)[:, None]                              # [B, 1, n_embd]
         h = h + attn
         h = h + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(h))
         return h, keys, values
@@ -131,10 +139,10 @@ class GPT2Block(nn.Module):
 class GPT2LMHeadModel(nn.Module):
     """Decoder-only GPT-2 transformer.
 
-    `__call__(tokens [B, K] int32, cache=None, attention_mask=None) -> (logits [B, K, V] float32, block)`:
-    with a cache, the K tokens sit at each row's `cache.lengths`, attend the cache (only read) and return
-    their keys/values as a `KVBlock` to write in; without one, the K tokens are the whole sequence (block
-    None).
+    `__call__(tokens [B, K] int32, cache=None, attention_mask=None, logits_at=None) -> (logits [B, K, V]
+    float32, block)`: with a cache, the K tokens sit at each row's `cache.lengths`, attend the cache (only
+    read) and return their keys/values as a `KVBlock` to write in; without one, the K tokens are the whole
+    sequence (block None). `logits_at` [B] int32: logits [B, 1, V] of that position of each row only.
     """
 
     config: GPT2Config
@@ -155,10 +163,11 @@ class GPT2LMHeadModel(nn.Module):
             cfg.max_positions, cfg.n_embd, name="wpe")(positions)
         layer_keys, layer_values = [], []
         for i in range(cfg.n_layer):
-            h, keys, values = GPT2Block(cfg, i, name=f"h_{i}")(h, mask, cache)
+            # With `logits_at`, the last layer computes past its keys and values for those positions only.
+            query_at = logits_at if i == cfg.n_layer - 1 else None
+            h, keys, values = GPT2Block(cfg, i, name=f"h_{i}")(h, mask, cache, query_at)
             layer_keys.append(keys)
             layer_values.append(values)
-        h = h if logits_at is None else take_at(h, logits_at)[:, None]
         h = _layer_norm(cfg, "ln_f")(h)
         if cfg.tie_word_embeddings:
             logits = attend(wte, h)

@@ -225,7 +225,9 @@ class LlamaAttention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, rotary, mask, cache):
+    def __call__(self, x, rotary, mask, cache, query_at=None):
+        """x [B, K, hidden] -> (output [B, K, hidden], keys and values [B, K, Hkv, D]); with `query_at` [B]
+        int32 the output is of that query of each row only, [B, 1, hidden] (the keys and values of all K)."""
         cfg = self.config
         batch, width, _ = x.shape
         q, k, v = dense_group(x, [DenseWeights(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, name="q_proj"),
@@ -240,9 +242,11 @@ class LlamaAttention(nn.Module):
         k = apply_rope(k, rotary)
         v = v.reshape(batch, width, cfg.num_kv_heads, cfg.head_dim)
         keys, values = cached_keys_values(cache, self.layer, k, v)
+        if query_at is not None:
+            q, mask = take_at(q, query_at)[:, None], take_at(mask, query_at)[:, None]           # [B, 1, ...]
         scale = cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
         out = attention(q, keys, values, mask, scale=scale, score_cap=cfg.attn_softcap)
-        out = Dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out.reshape(batch, width, -1))
+        out = Dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out.reshape(batch, q.shape[1], -1))
         return out, k, v
 
 
@@ -262,14 +266,18 @@ class LlamaDecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, h, rotary, mask, cache):
+    def __call__(self, h, rotary, mask, cache, query_at=None):
+        """h [B, K, hidden] -> (h [B, K, hidden], keys, values); with `query_at` [B] int32, h of that
+        position of each row only, [B, 1, hidden]: all a prompt pass's last layer needs besides the keys and
+        values of every position."""
         cfg = self.config
 
         def norm(name):
             return RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name=name)
 
         attn, keys, values = LlamaAttention(cfg, self.layer, name="self_attn")(
-            norm("input_layernorm")(h), rotary, mask, cache)
+            norm("input_layernorm")(h), rotary, mask, cache, query_at)
+        h = h if query_at is None else take_at(h, query_at)[:, None]                             # [B, 1, hidden]
         if cfg.sandwich_norms:
             # Gemma 2/3 name their norm after attention `post_attention_layernorm`, the one before the MLP
             # `pre_feedforward_layernorm`.
@@ -316,11 +324,12 @@ class LlamaForCausalLM(nn.Module):
         layer_keys, layer_values = [], []
         for i in range(cfg.num_layers):
             layer_mask = window_mask if sliding[i] else mask
+            # With `logits_at`, the last layer computes past its keys and values for those positions only.
+            query_at = logits_at if i == cfg.num_layers - 1 else None
             h, keys, values = LlamaDecoderLayer(cfg, i, name=f"layers_{i}")(h, rotary[local_base[i]], layer_mask,
-                                                                            cache)
+                                                                            cache, query_at)
             layer_keys.append(keys)
             layer_values.append(values)
-        h = h if logits_at is None else take_at(h, logits_at)[:, None]
         h = RMSNorm(cfg.rms_norm_eps, cfg.gemma_norms, name="norm")(h)
         if cfg.tie_word_embeddings:
             logits = attend(embed, h)
