@@ -226,11 +226,13 @@ class _Device:
         return self.stats
 
 
-def test_available_memory_from_device_stats_or_the_host():
+def test_available_memory_from_device_stats_or_the_host(monkeypatch):
     devices = [_Device({"bytes_limit": 100, "bytes_in_use": 30}), _Device({"bytes_limit": 100, "bytes_in_use": 50})]
     assert memory.available_bytes(devices) == 2 * 50  # a decode splits over the devices: the fullest bounds it
-    host = memory.available_bytes([_Device(None)])
-    assert host == memory.host_available_bytes() and host > 0
+    assert memory.host_available_bytes() > 0
+    # A device without stats (CPU) gets the host's figure; fixed here, as other processes move the real one.
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 12345)
+    assert memory.available_bytes([_Device(None)]) == 12345
     with pytest.raises(InputError, match=r"about 101 B.* but 100 B is available on gpu; lower max_draft"):
         memory.check_fits([memory.Need("ring", "max_draft", 61)], [memory.Need("block", "max_new_tokens", 40)],
                           [_Device({"bytes_limit": 100, "bytes_in_use": 0})])
