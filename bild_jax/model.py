@@ -154,13 +154,13 @@ def with_panels(model: Model) -> Model:
     """The model with every Dense kernel (layers.Dense names it "kernel") that the native products can read
     (`cpu_matmul.packable`) held as a `cpu_matmul.PanelKernel`, its [K, N] values and their panel-major copy
     (as many bytes again), and the family's output table as a `cpu_matmul.PanelTable` (its transpose
-    panel-major). Unchanged off CPU or without the native kernels. Called outside a jit, the result is kept
-    for as long as `model` lives: the next call returns it."""
+    panel-major), all marked `in_cache` when they fit in the cores' L2 caches together. Unchanged off CPU or
+    without the native kernels. Called outside a jit, the result is kept for as long as `model` lives: the
+    next call returns it."""
     output_table = model.family.output_table(model.config)
 
     def packed() -> Model:
-        # A model whose panels fit in the cores' L2 caches together keeps them there between steps: each
-        # thread then takes the same panels call after call (`PanelKernel.in_cache`).
+        # Such a model keeps its panels in L2 between steps if each thread takes the same ones call after call.
         size = _packed_bytes(model)
         in_cache = 0 < size <= native_library.l2_cache_bytes()
 
