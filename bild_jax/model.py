@@ -95,8 +95,8 @@ class Model:
         into an empty cache -> (logits [B, V] float32 after each row's last prompt token, the cache holding
         the T slots, its lengths still 0). The output layer runs for those B positions only: over all B x T
         it would be a seventh of the bundled large model's multiply-adds, two fifths of the small one's; and so
-        does the last layer past its keys and values (the bundled large model's 64-token pass 0.90x the time,
-        the small one's 0.76x)."""
+        does the last layer past its keys and values (a jitted 64-token prefill: the bundled large model's 4.70 ->
+        4.25 ms, the small one's 0.88 -> 0.67 ms)."""
         logits, block = self.module.apply({"params": self.params}, prompts, cache, logits_at=prompt_lengths - 1)
         return self._cut(logits)[:, 0], cache.write(block)
 
