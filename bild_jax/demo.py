@@ -110,6 +110,7 @@ def run_demo(small: str = "bundled:small", aligned: str | None = "bundled:small-
         console.print(f"{system}: {_settings(configs[key])} ({source})")
     console.print(f"BiLD exact: {_settings(exact)} (library defaults); small models in {SMALL_MODEL_DTYPE}, the "
                   "large one in float32")
+    console.print(_rouge_l_changes(rows, "the prompts' real continuations"))
     sample_run = runs[-2] if aligned else runs[2]
     console.print(_coloured_sample(tokenizer, prompts[0], sample_run))
     return rows
@@ -121,7 +122,7 @@ def run_summarize_demo(small: str = "bundled:t5-small", aligned: str = "bundled:
     """The paper's Table 1 on held-out code summarization, batch 1, greedy: large-only and small-only, BiLD
     with the unaligned and the aligned small model at each one's operating points (its `bild_pair.json`, and
     its `bild_pair_fast.json` when it has one), and exact mode. Prints the table, the settings and a coloured
-    sample; returns the rows, each with "settings" and "rouge_l_change" (vs large-only) added."""
+    sample; returns the rows (`evaluation.summarize`), each with its "settings" added."""
     console = console or Console(width=max(Console().width, 120))
     samples = load_demo_prompts(samples_file, num_prompts, with_continuation=True)
     exact = BiLDConfig(max_new_tokens=max_new_tokens, exact=True)
@@ -150,14 +151,12 @@ def run_summarize_demo(small: str = "bundled:t5-small", aligned: str = "bundled:
     references = [decode(s["continuation"]) for s in samples]
     rows = [summarize(run, runs[0], references, decode) for run in runs]
     for row in rows:
-        row.update(settings=settings[row["system"]], rouge_l_change=row["rouge_l"] - rows[0]["rouge_l"])
+        row["settings"] = settings[row["system"]]
     console.print(_table(rows, f"{len(samples)} held-out functions summarized (T5 pair, small models in "
                                f"{SMALL_MODEL_DTYPE}), {max_new_tokens} new tokens at most", SUMMARIZE_COLUMNS))
     for row in rows[2:]:
         console.print(f"{row['system']}: {row['settings']}")
-    console.print(f"ROUGE-L against the functions' docstrings (first sentence); large-only "
-                  f"{rows[0]['rouge_l']:.1f}, BiLD changes: " + ", ".join(
-                      f"{row['system']} {row['rouge_l_change']:+.1f}" for row in rows[2:]))
+    console.print(_rouge_l_changes(rows, "the functions' docstrings (first sentence)"))
     console.print(_coloured_sample(tokenizer, prompts[0], runs[-2]))
     return rows
 
@@ -182,6 +181,16 @@ def _profile_config(small: str, max_new_tokens: int) -> BiLDConfig:
 def _settings(config: BiLDConfig) -> str:
     return (f"fallback {config.fallback_threshold:g}, rollback {config.rollback_threshold:g}, "
             f"max_draft {config.max_draft}")
+
+
+def _rouge_l_changes(rows: list[dict], against: str) -> str:
+    """Lines for below a table: large-only's ROUGE-L (`rows[0]`), then the BiLD rows' (`rows[2:-1]`: not the
+    small model's, nor exact mode's, the large model's output) changes from it, each with its paired bootstrap
+    interval (`evaluation.paired_change_interval`), which says how much of a change the prompts can resolve."""
+    return (f"ROUGE-L against {against}: large-only {rows[0]['rouge_l']:.1f}\n"
+            "BiLD's change from it (5th-95th percentiles of a paired bootstrap over the prompts):\n" + "\n".join(
+                f"  {row['system']}: {row['rouge_l_change']:+.1f} ({row['rouge_l_change_low']:+.1f} to "
+                f"{row['rouge_l_change_high']:+.1f})" for row in rows[2:-1]))
 
 
 def _table(rows: list[dict], what: str, columns=COLUMNS) -> Table:

@@ -21,6 +21,7 @@ import numpy as np
 from bild_jax.prompts import bucket_length
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -196,16 +197,37 @@ def per_token(run: SystemRun) -> dict[str, float]:
     return {key: value / tokens for key, value in run.stats.items()}
 
 
+def rouge_l_scores(run: SystemRun, references: Sequence[str], decode: Callable) -> np.ndarray:
+    """[prompts] float64: ROUGE-L (x 100) of each output, `decode(ids)`, against its reference text."""
+    return np.array([100 * rouge_l(decode(o), r) for o, r in zip(run.outputs, references)])
+
+
+def paired_change_interval(scores: np.ndarray, base_scores: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                           seed: int = 0) -> tuple[float, float]:
+    """The 5th and 95th percentiles of mean(scores) - mean(base_scores) over bootstrap resamples of the prompts,
+    each resample taking the same prompts from both ([prompts] float arrays): which of a change the prompt set
+    can resolve. Pairing matters: most of the per-prompt spread is the prompts', shared by both systems."""
+    differences = np.asarray(scores, np.float64) - np.asarray(base_scores, np.float64)         # [prompts]
+    rows = np.random.default_rng(seed).integers(0, len(differences), (resamples, len(differences)))
+    low, high = np.percentile(differences[rows].mean(axis=1), [5, 95])
+    return float(low), float(high)
+
+
 def summarize(run: SystemRun, baseline: SystemRun, references: Sequence[str], decode: Callable) -> dict:
     """One table row: speed vs the baseline (the large model alone), agreement with it, ROUGE-L (x 100, averaged)
-    of `decode(ids)` against the reference texts, and the first call's seconds as "compile_s"."""
-    texts = [decode(o) for o in run.outputs]
+    of `decode(ids)` against the reference texts, its change from the baseline's with that change's
+    `paired_change_interval` ("rouge_l_change_low" / "_high"), and the first call's seconds as "compile_s"."""
+    scores, base_scores = rouge_l_scores(run, references, decode), rouge_l_scores(baseline, references, decode)
+    change_low, change_high = paired_change_interval(scores, base_scores)
     row = {
         "system": run.name,
         "tokens_per_s": run.tokens_per_s,
         "speedup": baseline.seconds / run.seconds,
         "exact_match": exact_match(run, baseline),
-        "rouge_l": 100 * float(np.mean([rouge_l(t, r) for t, r in zip(texts, references)])),
+        "rouge_l": float(scores.mean()),
+        "rouge_l_change": float(scores.mean() - base_scores.mean()),
+        "rouge_l_change_low": change_low,
+        "rouge_l_change_high": change_high,
         "compile_s": run.first_call_seconds,
     }
     if run.stats:

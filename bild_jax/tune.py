@@ -14,7 +14,7 @@ import numpy as np
 from rich.console import Console
 
 from bild_jax.errors import InputError
-from bild_jax.evaluation import SystemRun, rouge_l
+from bild_jax.evaluation import SystemRun, rouge_l_scores
 from bild_jax.profile import PairProfile
 from bild_jax.sweep import MAX_ROUGE_LOSS, run_sweep
 
@@ -38,7 +38,7 @@ def choice_spread(runs: Sequence[SystemRun], references: Sequence[str], decode, 
     seconds = np.array([np.median(np.array(run.batch_seconds), axis=0) for run in runs])       # [S, prompts]
     if seconds.shape[1] != len(references):
         raise InputError("choice_spread needs batch-1 runs: one timed batch per prompt")
-    scores = np.array([[100 * rouge_l(decode(o), r) for o, r in zip(run.outputs, references)] for run in runs])
+    scores = np.array([rouge_l_scores(run, references, decode) for run in runs])                 # [S, prompts]
     rng = np.random.default_rng(seed)
     same, near, speedups, losses = 0, 0, [], []
     for _ in range(resamples):

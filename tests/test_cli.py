@@ -39,9 +39,13 @@ def test_demo_prints_the_table_and_writes_rows(tmp_path, capsys):
     rows = json.loads(rows_file.read_text())
     assert [r["system"] for r in rows] == ["large", "small", "BiLD", "BiLD aligned", "BiLD exact"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["exact_match"] == 1.0
-    assert rows[-1]["exact_match"] == 1.0  # exact mode reproduces the large model
+    assert rows[-1]["exact_match"] == 1.0 and rows[-1]["rouge_l_change"] == 0.0  # exact mode: the large model's
     for row in rows[2:]:
         assert 0 <= row["fallback_rate"] <= 1 and row["large_calls_per_token"] > 0
+        assert row["rouge_l_change_low"] <= row["rouge_l_change"] <= row["rouge_l_change_high"]
+    for row in rows[2:-1]:  # exact mode's change is 0 by construction: not listed
+        assert (f"\n  {row['system']}: {row['rouge_l_change']:+.1f} ({row['rouge_l_change_low']:+.1f} to "
+                f"{row['rouge_l_change_high']:+.1f})\n") in printed
 
 
 def test_generate_json_has_text_tokens_and_stats(tmp_path, capsys):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from bild_jax import evaluation
-from bild_jax.evaluation import (FirstCall, Rows, System, exact_match, padded_shape, per_token, read_output, rouge_l,
-                                 run_systems, summarize)
+from bild_jax.evaluation import (FirstCall, Rows, System, exact_match, padded_shape, paired_change_interval, per_token,
+                                 read_output, rouge_l, run_systems, summarize)
 
 
 def test_rouge_l_on_code_tokens():
@@ -75,7 +75,22 @@ def test_table_row_compares_with_the_baseline():
     assert row["system"] == "small" and row["exact_match"] == 0.5
     assert row["rouge_l"] == pytest.approx(50.0)
     assert row["speedup"] == pytest.approx(base.seconds / other.seconds)
-    assert summarize(base, base, ["w1 w2", "w3 w4"], decode)["speedup"] == 1.0
+    # Per prompt: 0 and -100 points; each resample's change is the mean over 2 prompts drawn from those.
+    assert row["rouge_l_change"] == pytest.approx(-50.0)
+    assert row["rouge_l_change_low"] == -100.0 and row["rouge_l_change_high"] == 0.0
+    same = summarize(base, base, ["w1 w2", "w3 w4"], decode)
+    assert same["speedup"] == 1.0 and same["rouge_l_change"] == same["rouge_l_change_low"] == 0.0
+
+
+def test_paired_change_interval_resamples_the_same_prompts_from_both():
+    prompts = np.linspace(0.0, 90.0, 64)  # scores that differ a lot from prompt to prompt
+    # A system 2 points below on every prompt: the pairing takes the prompts' spread out, so the change is exact.
+    assert paired_change_interval(prompts - 2.0, prompts) == pytest.approx((-2.0, -2.0))
+    changes = np.where(np.arange(64) % 2 == 0, -4.0, 0.0)  # -4 on half of the prompts: a mean change of -2
+    low, high = paired_change_interval(prompts + changes, prompts)
+    assert -4.0 < low < -2.0 < high < 0.0
+    assert paired_change_interval(prompts + changes, prompts, seed=1) != (low, high)  # a resampling, seeded
+    assert paired_change_interval(prompts + changes, prompts) == (low, high)
 
 
 @dataclasses.dataclass
@@ -179,10 +194,11 @@ def test_bild_rows_carry_per_token_rates_in_a_fixed_column_order():
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     row = summarize(run, base, ["1 2 3 4", "1 2"], decode)
     # The columns of `bild-jax sweep`'s CSV, in order.
-    assert list(row) == ["system", "tokens_per_s", "speedup", "exact_match", "rouge_l", "compile_s", "fallback_rate",
-                         "rollback_rate", "large_calls_per_token"]
+    assert list(row) == ["system", "tokens_per_s", "speedup", "exact_match", "rouge_l", "rouge_l_change",
+                         "rouge_l_change_low", "rouge_l_change_high", "compile_s", "fallback_rate", "rollback_rate",
+                         "large_calls_per_token"]
     assert row["fallback_rate"] == 4 / 8 and row["rollback_rate"] == 2 / 8 and row["large_calls_per_token"] == 6 / 8
     assert row["exact_match"] == 1.0 and row["tokens_per_s"] == pytest.approx(8 / run.seconds)
     assert row["compile_s"] == run.first_call_seconds  # the first call, compilation included
     assert row["rouge_l"] == pytest.approx(100 * (1.0 + 2 * 2 / 6) / 2)
-    assert list(summarize(base, base, ["1 2 3 4", "1 2"], decode)) == list(row)[:6]
+    assert list(summarize(base, base, ["1 2 3 4", "1 2"], decode)) == list(row)[:9]

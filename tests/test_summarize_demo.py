@@ -52,9 +52,13 @@ def test_summarize_demo_prints_the_table_one_row_per_operating_point(tiny_pair):
     assert rows[-1]["exact_match"] == 1.0 and rows[-1]["rouge_l_change"] == 0.0
     assert rows[4]["settings"] == "fallback 0.9, rollback 1, max_draft 10"
     assert rows[2]["settings"] == "fallback 0.6, rollback 5, max_draft 10"
+    printed = console.export_text()
     for row in rows[2:]:
         assert 0 <= row["fallback_rate"] <= 1 and 0 <= row["rollback_rate"] <= 1
-    printed = console.export_text()
+        assert row["rouge_l_change_low"] <= row["rouge_l_change"] <= row["rouge_l_change_high"]
+    for row in rows[2:-1]:
+        assert (f"\n  {row['system']}: {row['rouge_l_change']:+.1f} ({row['rouge_l_change_low']:+.1f} to "
+                f"{row['rouge_l_change_high']:+.1f})\n") in printed
     for header in ("speedup", "ROUGE-L", "vs large", "fallback/tok", "rollback/tok"):
         assert header in printed
     assert "│ BiLD unaligned, quality │" in printed  # the table fits 120 columns: no name wraps
