@@ -205,7 +205,7 @@ def rouge_l_scores(run: SystemRun, references: Sequence[str], decode: Callable) 
 def paired_change_interval(scores: np.ndarray, base_scores: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
                            seed: int = 0) -> tuple[float, float]:
     """The 5th and 95th percentiles of mean(scores) - mean(base_scores) over bootstrap resamples of the prompts,
-    each resample taking the same prompts from both ([prompts] float arrays): which of a change the prompt set
+    each resample taking the same prompts from both ([prompts] float arrays): how much of a change the prompt set
     can resolve. Pairing matters: most of the per-prompt spread is the prompts', shared by both systems."""
     differences = np.asarray(scores, np.float64) - np.asarray(base_scores, np.float64)         # [prompts]
     rows = np.random.default_rng(seed).integers(0, len(differences), (resamples, len(differences)))
