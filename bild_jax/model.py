@@ -80,6 +80,11 @@ class Model:
     def decode_block(self, tokens: jax.Array, cache) -> tuple[jax.Array, KVBlock]:
         """The one cached forward: tokens [B, K] int32 at `cache.lengths` -> (logits [B, K, V] float32, their
         keys/values as a `KVBlock`). The cache is only read; `cache.write(block)` puts the block in."""
+        native = self.family.native_cached_pass
+        if native is not None and self.sharding is None:
+            computed = native(self.config, self.params, tokens, cache)
+            if computed is not None:
+                return self._cut(computed[0]), computed[1]
         method = self.module.decode if self.is_encoder_decoder else self.module.__call__
         logits, block = self.module.apply({"params": self.params}, tokens, cache, method=method)
         return self._cut(logits), block

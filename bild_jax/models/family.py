@@ -69,6 +69,10 @@ class ModelFamily:
       (`layers.attend`) that the CPU decode loop may keep in bfloat16 (`model.for_decode_loop`): the module
       must then give its looked-up rows in the cache's dtype (an encoder too: `encode_into_cache` passes it).
       None: no such table (an untied head).
+    - `native_cached_pass(config, params, tokens, cache)`: a decoder-only family's cached pass (a decode step
+      or verification block: `(logits [B, K, V] float32, KVBlock)` as the module computes them) in one native
+      call on CPU (`cpu_decoder_step`), or None where it does not apply (the module runs it then); every
+      cached pass of a model goes the same way, so blocks still equal steps. None: the family has none.
     """
 
     model_types: tuple[str, ...]
@@ -83,6 +87,7 @@ class ModelFamily:
     transpose_linear: bool = True
     encode_into_cache: Callable[..., Any] | None = None
     output_table: Callable[[Any], tuple[str, ...] | None] = lambda config: None
+    native_cached_pass: Callable[..., Any] | None = None
 
     @property
     def is_encoder_decoder(self) -> bool:

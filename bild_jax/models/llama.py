@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bild_jax.cache import KVCache
+from bild_jax import cpu_decoder_step, cpu_matmul
+from bild_jax.cache import KVBlock, KVCache
 from bild_jax.cpu_lookup import lookup
 from bild_jax.errors import Unsupported
 from bild_jax.models.layers import (Dense, DenseWeights, RMSNorm, activation, attend, attention, cached_keys_values,
@@ -338,6 +339,33 @@ class LlamaForCausalLM(nn.Module):
         return softcap(logits.astype(jnp.float32), cfg.final_softcap), kv_block(cache, layer_keys, layer_values)
 
 
+def native_cached_pass(config: LlamaConfig, params: dict, tokens: jax.Array, cache: KVCache
+                       ) -> tuple[jax.Array, KVBlock] | None:
+    """`LlamaForCausalLM`'s cached pass (tokens [B, K] int32 at the cache's cursors -> logits [B, K, V]
+    float32 and the block) in one native call on CPU (`cpu_decoder_step`), or None where that does not apply:
+    the plain Llama computation only (no biases, soft-caps, sliding windows or Gemma/Qwen3 norms), SiLU."""
+    if (config.qk_norm or config.sandwich_norms or config.gemma_norms or config.scale_embeddings
+            or config.attn_softcap is not None or config.final_softcap is not None or config.qkv_bias
+            or config.o_bias or config.mlp_bias or config.sliding_window is not None
+            or config.attention_scale is not None or config.hidden_act not in ("silu", "swish")):
+        return None
+    layers = [{"input_norm": layer["input_layernorm"]["weight"],
+               "post_norm": layer["post_attention_layernorm"]["weight"],
+               **{name: layer["self_attn"][f"{name}_proj"]["kernel"] for name in ("q", "k", "v", "o")},
+               **{name: layer["mlp"][f"{name}_proj"]["kernel"] for name in ("gate", "up", "down")}}
+              for layer in (params[f"layers_{i}"] for i in range(config.num_layers))]
+    table = params["embed_tokens"]["embedding"]
+    output = table if config.tie_word_embeddings else params["lm_head"]["kernel"]
+    kernels = [layer[name] for layer in layers for name in ("q", "k", "v", "o", "gate", "up", "down")]
+    if not cpu_decoder_step.applies(kernels, output, cache):
+        return None
+    batch, width = tokens.shape
+    positions, _, mask = decoder_positions_and_mask(batch, width, cache)
+    rotary = rotary_embedding(config, positions, cache.capacity + width)
+    return cpu_decoder_step.decode(tokens, cpu_matmul.unpacked(table), rotary, mask, params["norm"]["weight"], output,
+                                   layers, cache, config.rms_norm_eps, config.head_dim ** -0.5)
+
+
 def init_cache(config: LlamaConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
     """An empty [B, capacity] cache for this model."""
     return KVCache.create(config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim, dtype)
@@ -401,4 +429,5 @@ FAMILY = ModelFamily(
     param_axes=PARAM_AXES,
     split_hf_tensors=split_hf_tensors,
     output_table=lambda config: ("embed_tokens", "embedding") if config.tie_word_embeddings else None,
+    native_cached_pass=native_cached_pass,
 )

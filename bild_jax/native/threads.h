@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -51,6 +54,125 @@ void InChunks(xla::ffi::ThreadPool& pool, int64_t chunks, Run run, bool both_end
 inline int64_t ChunkCount(xla::ffi::ThreadPool& pool, int64_t units) {
   return std::max<int64_t>(1, std::min<int64_t>(4 * std::max<int64_t>(pool.num_threads(), 1), units));
 }
+
+// The calling thread and up to `pool.num_threads() - 1` pool threads running one kernel's stages together:
+// the helpers are scheduled once, at the start, and then take tasks of each stage as the caller opens it, so
+// that a kernel of many short stages (a decoder step: a product, then attention, then the next product)
+// wakes the pool once rather than once per stage. Threads take tasks from the front; with `by_core`, those
+// on odd CPUs take them from the back, so that from call to call each core mostly gets the same tasks
+// whichever thread runs there (for data that stays in the cores' L2 caches; see `InChunks`). As in
+// `InChunks` the caller never waits for a helper that has not started: it only waits for tasks that a helper
+// has taken, and with no helper awake it runs every task itself. Between stages the helpers spin; the
+// destructor sends them home.
+class Team {
+ public:
+  explicit Team(xla::ffi::ThreadPool& pool)
+      : shared_(std::make_shared<Shared>()), size_(std::max<int64_t>(pool.num_threads(), 1)) {
+    for (int64_t i = 1; i < size_; ++i) pool.Schedule([shared = shared_] { Help(*shared); });
+  }
+  ~Team() { shared_->claim.store(Pack(kStop, 0, 0), std::memory_order_release); }
+  Team(const Team&) = delete;
+  Team& operator=(const Team&) = delete;
+  // Threads in the team, the caller included (some helpers may start late or not at all).
+  int64_t size() const { return size_; }
+
+  // Runs run(task) for task in [0, tasks) on this team, returning once all are done.
+  template <typename Run>
+  void Stage(int64_t tasks, Run run, bool by_core = false) {
+    if (tasks <= 0) return;
+    Shared& shared = *shared_;
+    stage_ = stage_ % (kStop - 1) + 1;  // 1 .. kStop - 1; a helper tells stages apart by it
+    Slot& slot = shared.slots[stage_ & 1];
+    slot.invoke.store([](void* context, int64_t task) { (*static_cast<Run*>(context))(task); },
+                      std::memory_order_relaxed);
+    slot.context.store(&run, std::memory_order_relaxed);
+    slot.by_core.store(by_core, std::memory_order_relaxed);
+    shared.done.store(0, std::memory_order_relaxed);
+    shared.claim.store(Pack(stage_, 0, tasks), std::memory_order_release);
+    Take(shared, stage_, !by_core || FromFront(), [&](int64_t task) { run(task); });
+    for (int64_t spins = 0; shared.done.load(std::memory_order_acquire) != tasks; ++spins) Idle(spins);
+  }
+
+ private:
+  static constexpr uint64_t kStop = 0xffff;  // the stage value that sends the helpers home
+  static constexpr int64_t kSpins = 1000;     // pauses (about 40 ns each) before a waiting thread yields
+  struct Slot {  // a stage's work; two, so that a late helper never reads one being rewritten for its stage
+    std::atomic<void (*)(void*, int64_t)> invoke{nullptr};
+    std::atomic<void*> context{nullptr};
+    std::atomic<bool> by_core{false};
+  };
+  struct Shared {
+    std::atomic<uint64_t> claim{0};  // stage (16 bits), next task from the front (24), one past the last (24)
+    std::atomic<int64_t> done{0};    // tasks of the current stage finished
+    Slot slots[2];
+  };
+  static uint64_t Pack(uint64_t stage, uint64_t front, uint64_t back) { return stage << 48 | front << 24 | back; }
+  static uint64_t StageOf(uint64_t claim) { return claim >> 48; }
+  // Whether a thread taking a stage's tasks by core takes them from the front: on even CPUs. So from call
+  // to call each core mostly gets the same tasks, whichever thread runs there.
+  static bool FromFront() {
+#if defined(__linux__)
+    return sched_getcpu() % 2 == 0;
+#else
+    return true;
+#endif
+  }
+  // One wait of a thread that has waited `spins` times: a pause instruction at first (the next stage is
+  // usually a microsecond away), then the core given up at every turn, so that a busy machine (other
+  // processes, a test runner's workers) runs its other threads rather than this one's spinning.
+  static void Idle(int64_t spins) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (spins < kSpins) {
+      __builtin_ia32_pause();
+      return;
+    }
+#endif
+    std::this_thread::yield();
+  }
+
+  // Takes and runs tasks of `stage` until none is left (or the stage is over).
+  template <typename Run>
+  static void Take(Shared& shared, uint64_t stage, bool front, Run run) {
+    uint64_t claim = shared.claim.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t next = claim >> 24 & 0xffffff, end = claim & 0xffffff;
+      if (StageOf(claim) != stage || next >= end) return;
+      const uint64_t taken = front ? Pack(stage, next + 1, end) : Pack(stage, next, end - 1);
+      if (!shared.claim.compare_exchange_weak(claim, taken, std::memory_order_acq_rel,
+                                              std::memory_order_acquire))
+        continue;
+      run(static_cast<int64_t>(front ? next : end - 1));
+      shared.done.fetch_add(1, std::memory_order_acq_rel);
+      claim = shared.claim.load(std::memory_order_acquire);
+    }
+  }
+
+  static void Help(Shared& shared) {
+    uint64_t finished = 0;  // the last stage this helper found nothing left in
+    for (int64_t spins = 0;; ++spins) {
+      const uint64_t claim = shared.claim.load(std::memory_order_acquire);
+      const uint64_t stage = StageOf(claim);
+      if (stage == kStop) return;
+      if (stage == 0 || stage == finished) {
+        Idle(spins);
+        continue;
+      }
+      spins = 0;
+      // The slot was written before the claim that named its stage, so it holds that stage's work; if the
+      // stage has moved on, Take finds a different stage in the claim and takes nothing.
+      const Slot& slot = shared.slots[stage & 1];
+      auto invoke = slot.invoke.load(std::memory_order_relaxed);
+      void* context = slot.context.load(std::memory_order_relaxed);
+      Take(shared, stage, !slot.by_core.load(std::memory_order_relaxed) || FromFront(),
+           [&](int64_t task) { invoke(context, task); });
+      finished = stage;
+    }
+  }
+
+  std::shared_ptr<Shared> shared_;
+  int64_t size_;
+  uint64_t stage_ = 0;
+};
 
 }  // namespace bild
 
