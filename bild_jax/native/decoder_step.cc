@@ -217,8 +217,8 @@ ffi::Error DecoderStep(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens, ffi::
   auto first_keys = layer_args.get<ffi::Buffer<ffi::F32>>(9);
   auto first_q = layer_args.get<ffi::AnyBuffer>(1), first_k = layer_args.get<ffi::AnyBuffer>(2);
   auto first_gate = layer_args.get<ffi::AnyBuffer>(6);
-  if (first_keys.has_error() || first_q.has_error() || first_k.has_error() || first_gate.has_error())
-    return fail("cached keys must be float32");
+  if (first_q.has_error() || first_k.has_error() || first_gate.has_error()) return fail("missing layer weights");
+  if (first_keys.has_error()) return fail("cached keys must be float32");
   const auto kd = first_keys->dimensions();
   Dims d{td[0], td[1], table.dimensions()[1], 0, 0, 0, 0, 0, table.dimensions()[0]};
   if (kd.size() != 4 || kd[0] != d.batch) return fail("cached keys [B, Hkv, S, Dh] expected");
