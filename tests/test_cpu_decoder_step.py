@@ -4,11 +4,13 @@ outputs bitwise the same in steps and in a block, rows at different cursors, and
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from bild_jax import native_library
 from bild_jax.model import for_decode_loop, with_panels
@@ -84,3 +86,33 @@ def test_the_module_keeps_what_the_native_pass_does_not_compute(bild_pair):
     cache = packed.start_cache(PROMPTS.shape[0], 24)
     prompt_pass = jax.jit(lambda m, c: m.decode_prompt(PROMPTS, PROMPT_LENGTHS, c))
     assert "bild_decoder_step" not in prompt_pass.lower(packed, cache).as_text()
+
+
+def test_passes_at_once_from_several_threads_equal_passes_one_at_a_time(bild_pair):
+    """Native passes started together from several threads (each its own team of helpers; a helper that
+    lingers after one team joins whichever started last) compute what they compute one at a time."""
+    model = _decode_model(bild_pair("llama")[1], jnp.float32)
+    cache = _after_prompt(model)
+
+    @jax.jit
+    def chain(model, first, cache):  # 64 passes, each fed the argmax of the one before: [B, 3] int32
+        def body(_, tokens):
+            logits, _ = model.decode_block(tokens, cache)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return lax.fori_loop(0, 64, body, first)
+
+    starts = [BLOCK + i for i in range(4)]
+    alone = [np.asarray(chain(model, start, cache)) for start in starts]
+    together = [None] * len(starts)
+
+    def run(i):
+        together[i] = np.asarray(chain(model, starts[i], cache))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(starts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    for expected, got in zip(alone, together):
+        np.testing.assert_array_equal(got, expected)

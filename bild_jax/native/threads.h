@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <thread>
 #if defined(__linux__)
 #include <sched.h>
@@ -63,12 +65,30 @@ inline int64_t ChunkCount(xla::ffi::ThreadPool& pool, int64_t units) {
 // whichever thread runs there (for data that stays in the cores' L2 caches; see `InChunks`). As in
 // `InChunks` the caller never waits for a helper that has not started: it only waits for tasks that a helper
 // has taken, and with no helper awake it runs every task itself. Between stages the helpers spin; the
-// destructor sends them home.
+// destructor ends their work for this team.
+//
+// A helper then lingers for `kLingerMicros`, and a team started meanwhile takes it rather than scheduling a
+// pool task: the BiLD loop calls its kernels every 15-40 us, and a pool thread that went to sleep in between
+// took 20-50 us to wake on a 2-core VM (a third of the small model's steps and nearly every one-token large
+// pass after a small step ran most of their work on the calling thread alone). A helper lingers at most that
+// long, so XLA's own use of the thread waits no longer than a sleeping thread takes to wake.
 class Team {
  public:
   explicit Team(xla::ffi::ThreadPool& pool)
       : shared_(std::make_shared<Shared>()), size_(std::max<int64_t>(pool.num_threads(), 1)) {
-    for (int64_t i = 1; i < size_; ++i) pool.Schedule([shared = shared_] { Help(*shared); });
+    if (size_ < 2) return;
+    Lounge& lounge = TheLounge();
+    {
+      std::lock_guard<std::mutex> lock(lounge.mutex);
+      lounge.latest = shared_;
+    }
+    lounge.started.fetch_add(1, std::memory_order_acq_rel);
+    // A lingering helper may leave just as this team counts it: the caller then does that helper's share.
+    const int64_t lingering = std::min(lounge.lingering.load(std::memory_order_acquire), size_ - 1);
+    for (int64_t i = 1 + lingering; i < size_; ++i) pool.Schedule([shared = shared_] {
+      Help(*shared);
+      Linger();
+    });
   }
   ~Team() { shared_->claim.store(Pack(kStop, 0, 0), std::memory_order_release); }
   Team(const Team&) = delete;
@@ -96,6 +116,7 @@ class Team {
  private:
   static constexpr uint64_t kStop = 0xffff;  // the stage value that sends the helpers home
   static constexpr int64_t kSpins = 1000;     // pauses (about 40 ns each) before a waiting thread yields
+  static constexpr double kLingerMicros = 50.0;  // how long a helper waits for the next team
   struct Slot {  // a stage's work; two, so that a late helper never reads one being rewritten for its stage
     std::atomic<void (*)(void*, int64_t)> invoke{nullptr};
     std::atomic<void*> context{nullptr};
@@ -145,6 +166,47 @@ class Team {
       shared.done.fetch_add(1, std::memory_order_acq_rel);
       claim = shared.claim.load(std::memory_order_acquire);
     }
+  }
+
+  // Where helpers between teams find the next one.
+  struct Lounge {
+    std::mutex mutex;
+    std::shared_ptr<Shared> latest;    // the work of the team started last
+    std::atomic<uint64_t> started{0};  // teams started so far
+    std::atomic<int64_t> lingering{0};  // helpers waiting here now
+  };
+  static Lounge& TheLounge() {
+    static Lounge* lounge = new Lounge();  // never destroyed: a helper may still linger as the process exits
+    return *lounge;
+  }
+
+  // Waits up to kLingerMicros for a team to start, helps it, and waits again; returns once none started in time.
+  static void Linger() {
+    Lounge& lounge = TheLounge();
+    uint64_t seen = lounge.started.load(std::memory_order_acquire);
+    lounge.lingering.fetch_add(1, std::memory_order_acq_rel);
+    for (auto since = std::chrono::steady_clock::now();;) {
+      const uint64_t started = lounge.started.load(std::memory_order_acquire);
+      if (started != seen) {
+        seen = started;
+        std::shared_ptr<Shared> next;
+        {
+          std::lock_guard<std::mutex> lock(lounge.mutex);
+          next = lounge.latest;
+        }
+        lounge.lingering.fetch_sub(1, std::memory_order_acq_rel);
+        Help(*next);  // returns at once if that team has already ended
+        lounge.lingering.fetch_add(1, std::memory_order_acq_rel);
+        since = std::chrono::steady_clock::now();
+        continue;
+      }
+      if (std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - since).count() > kLingerMicros)
+        break;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    lounge.lingering.fetch_sub(1, std::memory_order_acq_rel);
   }
 
   static void Help(Shared& shared) {
