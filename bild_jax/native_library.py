@@ -27,7 +27,8 @@ SOURCE_DIR = Path(__file__).parent / "native"
 TARGETS = {"bild_matmul": "BildMatmul", "bild_matmul_transposed": "BildMatmulTransposed",
            "bild_matmul_transposed_bf16": "BildMatmulTransposedBf16",
            "bild_attention": "BildAttention", "bild_widen_after": "BildWidenAfter", "bild_panels": "BildPanels",
-           "bild_lookup": "BildLookup", "bild_decoder_step": "BildDecoderStep"}
+           "bild_lookup": "BildLookup", "bild_decoder_step": "BildDecoderStep",
+           "bild_log_normalizer": "BildLogNormalizer"}
 
 
 def available() -> bool:
