@@ -4,8 +4,8 @@
 (a 4096-token row: ~19 us against ~3 us here); two single-output reductions give the same answer. The
 normalizer spares `log_softmax`/`softmax`, which write a full [..., V] array where one number per row is read,
 and on one CPU device runs in bild-jax's native kernel (`native/reductions.cc`): XLA:CPU splits the sum of
-exponentials over its threads and waits for the second one, 50-100 us in most of the BiLD loop's fallback tests
-(exact mode, bundled pair: 1.69x -> 1.85x over large greedy, interleaved in one process).
+exponentials over its threads and waits for the second one, 50-100 us in about half of the BiLD loop's fallback
+tests (exact mode, bundled pair, interleaved in one process: 1.69x -> 1.73x and 1.72x -> 1.78x over large greedy).
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ void Normalize(const float* x, int64_t vocab, float* peak_out, float* lse_out) {
 #if defined(__AVX512F__)
   const __m512 shift = _mm512_set1_ps(peak);
   __m512 sums = _mm512_setzero_ps();
-  for (; i + 16 <= vocab; i += 16) sums = _mm512_add_ps(sums, bild::attention::Exp(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift)));
+  for (; i + 16 <= vocab; i += 16)
+    sums = _mm512_add_ps(sums, bild::attention::Exp(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift)));
   sum = _mm512_reduce_add_ps(sums);
 #endif
   for (; i < vocab; ++i) sum += std::exp(x[i] - peak);

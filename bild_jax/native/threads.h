@@ -69,8 +69,8 @@ inline int64_t ChunkCount(xla::ffi::ThreadPool& pool, int64_t units) {
 //
 // A helper then lingers for `kLingerMicros`, and a team started meanwhile takes it rather than scheduling a
 // pool task: the BiLD loop calls its kernels every 15-40 us, and a pool thread that went to sleep in between
-// took 20-50 us to wake on a 2-core VM (a third of the small model's steps and nearly every one-token large
-// pass after a small step ran most of their work on the calling thread alone). A helper lingers at most that
+// took 20-50 us to wake on a 2-core VM (in a quarter of the small model's steps and nearly every one-token large
+// pass after a small step, the calling thread ran alone for those microseconds). A helper lingers at most that
 // long, so XLA's own use of the thread waits no longer than a sleeping thread takes to wake.
 class Team {
  public:
