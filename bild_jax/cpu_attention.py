@@ -31,8 +31,7 @@ MAX_WIDTH = 64
 def applies(query: jax.Array, keys: tuple, values: tuple, width: int) -> bool:
     """Whether attention of `width` queries over these segments runs in the native kernel (static)."""
     arrays = (query, *keys, *values)
-    return (width <= MAX_WIDTH and all(a.dtype == jnp.float32 for a in arrays)
-            and native_library.on_cpu_device() and native_library.available())
+    return width <= MAX_WIDTH and all(a.dtype == jnp.float32 for a in arrays) and native_library.runs_here()
 
 
 def attention(query: jax.Array, keys: tuple, values: tuple, mask: jax.Array, bias: jax.Array | None,

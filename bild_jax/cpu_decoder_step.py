@@ -35,7 +35,7 @@ def applies(kernels: Sequence, output, cache: KVCache) -> bool:
     return (all(isinstance(kernel, PanelKernel) and not kernel.in_prompt_pass for kernel in kernels)
             and isinstance(output, (PanelKernel, PanelTable)) and len(dtypes) == 1
             and dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)} and cache.dtype == jnp.float32
-            and native_library.on_cpu_device() and native_library.available())
+            and native_library.runs_here())
 
 
 def decode(tokens: jax.Array, table: jax.Array, rotary: tuple[jax.Array, jax.Array], mask: jax.Array,

@@ -20,8 +20,7 @@ def lookup(table: nn.Embed, tokens: jax.Array, dtype) -> jax.Array:
     """tokens [...] int -> `table(tokens).astype(dtype)` [..., D]: in the native kernel for a bfloat16 table
     and float32 rows on one CPU device (an id outside the table gives NaNs there too), else XLA's gather."""
     embedding = jnp.asarray(cpu_matmul.unpacked(table.embedding))
-    if (embedding.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and native_library.on_cpu_device()
-            and native_library.available()):
+    if embedding.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32 and native_library.runs_here():
         return _native(tokens.astype(jnp.int32), embedding)
     return table(tokens).astype(dtype)
 

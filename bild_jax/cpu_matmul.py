@@ -94,8 +94,7 @@ def packable(kernel) -> bool:
     """Whether `panel_kernel` packs this param: a 2-D float32 or bfloat16 kernel, on one CPU device with the
     native kernels built."""
     return (not isinstance(kernel, (PanelKernel, PanelTable)) and kernel.ndim == 2
-            and kernel.dtype in (jnp.float32, jnp.bfloat16) and native_library.on_cpu_device()
-            and native_library.available())
+            and kernel.dtype in (jnp.float32, jnp.bfloat16) and native_library.runs_here())
 
 
 def panel_kernel(kernel: jax.Array, in_cache: bool = False) -> PanelKernel:
@@ -180,8 +179,7 @@ def _xla_product(rows: jax.Array, weight: jax.Array, dimension_numbers, precisio
     rows (a plain convert would run at the start of the program for every layer at once, `native/widen.cc`);
     the two compute the same exact products (the bfloat16 dot's derivatives for the rows are bfloat16)."""
     dtype = jnp.promote_types(rows.dtype, weight.dtype)
-    if (rows.dtype == jnp.float32 and weight.dtype == jnp.bfloat16 and native_library.on_cpu_device()
-            and native_library.available()):
+    if rows.dtype == jnp.float32 and weight.dtype == jnp.bfloat16 and native_library.runs_here():
         if xla_bfloat16_products(math.prod(rows.shape[:-1])):
             return lax.dot_general(rows.astype(jnp.bfloat16), weight, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type or jnp.float32)
@@ -254,7 +252,7 @@ def native_reads(weight: jax.Array, rows: int, group_bytes: int | None = None) -
     always does (one CPU device, kernels built): its rows are rounded (`bfloat16_rows`), and with AVX512-BF16
     the kernel took 0.5-0.9x the time of XLA's float32 dot on a float32 copy from 8 to 1024 rows (a
     [384, 2048] kernel, 2-core EPYC)."""
-    if not (rows > 0 and native_library.on_cpu_device() and native_library.available()):
+    if not (rows > 0 and native_library.runs_here()):
         return False
     if weight.dtype == jnp.bfloat16:
         return True

@@ -36,10 +36,10 @@ def available() -> bool:
     return os.environ.get("BILD_JAX_NATIVE_MATMUL", "1") != "0" and _library() is not None
 
 
-def on_cpu_device() -> bool:
-    """Whether computations run on one CPU device: a sharded model keeps XLA's operations, which the SPMD
-    partitioner splits."""
-    return jax.default_backend() == "cpu" and jax.device_count() == 1
+def runs_here() -> bool:
+    """Whether computations here take the native kernels: they run on one CPU device (a sharded model keeps
+    XLA's operations, which the SPMD partitioner splits) and the kernels are `available`."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
 
 
 @functools.cache

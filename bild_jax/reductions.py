@@ -33,7 +33,7 @@ def argmax(logits: jax.Array) -> jax.Array:
 def log_normalizer(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """logits [..., V] float32 -> (max [...], log-sum-exp [...]) float32, so that log p(t) = logits[t] - lse
     and the most likely token's probability is exp(max - lse)."""
-    if logits.dtype == jnp.float32 and native_library.on_cpu_device() and native_library.available():
+    if logits.dtype == jnp.float32 and native_library.runs_here():
         return _native_log_normalizer(logits)
     return _log_normalizer(logits)
 
