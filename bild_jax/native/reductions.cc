@@ -2,9 +2,9 @@
 // iteration of the BiLD loop, and the rollback rule's probabilities.
 //
 // XLA:CPU runs the sum of exp(x - max) over a 4096-token row as a fusion split across its threads, and the
-// calling thread then waits for the other one, asleep or lingering in a native kernel's team
-// (`threads.h`): 50-100 us in three of four of the small model's steps (about 60 us each) in a profile of
-// exact mode. Here a row takes about 2 us.
+// calling thread then waits for the other one: 50-100 us in about half of the small model's steps (about 60
+// us each) in a profile of exact mode, and 50-55 us in three of four once the thread lingered in a native
+// kernel's team instead of sleeping (`threads.h`). Here a row takes about 2 us.
 //
 //   bild_log_normalizer: logits f32[..., V] -> (max f32[...], log-sum-exp f32[...]), both NaN for a row that
 //   holds a NaN; as in XLA, a row whose max is infinite gives a NaN log-sum-exp
