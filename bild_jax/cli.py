@@ -12,7 +12,7 @@ from pathlib import Path
 # Only light imports here: `main` installs the Ctrl-C handling before JAX is imported (`bild_jax` imports
 # its public names on first use).
 import bild_jax
-from bild_jax.atomic import write_text_atomic
+from bild_jax.atomic import check_writable, write_text_atomic
 from bild_jax.errors import InputError
 from bild_jax.interrupt import exit_on_interrupt
 
@@ -285,6 +285,8 @@ def run_demo(args) -> None:
         raise InputError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise InputError("--num-prompts must be >= 1")
+    if args.json:
+        check_writable(args.json)
     if args.task == "summarize":
         rows = run_summarize_demo(num_prompts=args.num_prompts or 32, max_new_tokens=args.max_new_tokens)
     else:
@@ -313,6 +315,7 @@ def run_sweep(args) -> None:
     if args.num_prompts < 1:
         raise InputError("--num-prompts must be >= 1")
     grid_configs(args.fallbacks, args.rollbacks, args.max_new_tokens, args.max_draft)  # bad flags fail before loading
+    check_writable(args.out, directory=True)
     small, large, tokenizer = _load_pair(args)
     prompts, references = _sweep_prompts(args, tokenizer)
     result = sweep(small, large, prompts, references, tokenizer.decode, args.fallbacks, args.rollbacks,
@@ -335,6 +338,7 @@ def run_align(args) -> None:
     for name in ("num_prompts", "prompt_tokens", "steps", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    check_writable(args.out, directory=True)
     tokenizer = _shared_tokenizer(args)
     texts = read_texts(args.data, args.text_field, args.split)
     prompts = prompt_windows(tokenizer, texts, args.prompt_tokens, args.num_prompts, args.seed)
@@ -365,6 +369,8 @@ def run_tune(args) -> None:
     if args.num_prompts < 2:
         raise InputError("--num-prompts must be >= 2")
     profile_path = _profile_path(args)
+    check_writable(profile_path)
+    check_writable(args.sweep_out, directory=True)
     small, large, tokenizer = _load_pair(args)
     prompts, references = _sweep_prompts(args, tokenizer)
     result = tune(small, large, prompts, references, tokenizer.decode, fallbacks=args.fallbacks,
@@ -409,6 +415,9 @@ def run_bench(args) -> None:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise InputError(f"--batch-sizes expects comma-separated ints, got {args.batch_sizes!r}") from None
+    for output in (args.json if args.json != "-" else None, args.save_schedule):
+        if output:
+            check_writable(output)
     settings = dict(small=args.small, large=args.large, shape=args.shape, dtype=args.dtype,
                     small_dtype=args.small_dtype or SMALL_MODEL_DTYPE, fallback=args.fallback, rollback=args.rollback,
                     max_draft=args.max_draft, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,

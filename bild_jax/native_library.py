@@ -100,7 +100,6 @@ def _build() -> Path:
     cache = Path(os.environ.get("BILD_JAX_CACHE", Path.home() / ".cache" / "bild_jax")) / "native"
     library = cache / f"kernels-{key}.so"
     if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         with atomic_path(library) as partial:
             done = subprocess.run([compiler, *flags, *map(str, sources), "-o", str(partial)], capture_output=True,
                                   text=True, timeout=300)

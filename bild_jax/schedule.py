@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 
+from bild_jax.atomic import write_text_atomic
 from bild_jax.errors import InputError
 
 
@@ -88,8 +89,8 @@ class ScheduleTable:
             raise InputError(f"not a schedule table ({type(error).__name__}: {error})") from None
 
     def save(self, path: str | Path) -> None:
-        """Writes the table as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Writes the table as JSON (`atomic.write_text_atomic`)."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ScheduleTable":

@@ -65,7 +65,6 @@ def run_sweep(small, large, prompts: list[list[int]], references: list[str] | No
              **summarize(run, baseline, references, decode)} for c, run in zip(configs, bild_runs)]
     eligible = [r for r in rows if r["rouge_l"] >= base_row["rouge_l"] - max_rouge_loss]
     recommended = max(eligible, key=lambda r: r["speedup"]) if eligible else None
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "sweep.csv", out_dir / "sweep.png"
     # Both files are written in full before either replaces its previous version: an interrupted sweep
     # leaves the previous pair.

@@ -132,6 +132,38 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message):
     assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("argv,target,message", [
+    (["demo", "--json", "{file}/rows.json"], "bild_jax.demo.run_demo", "{file} is a file"),
+    (["bench", "--json", "{dir}"], "bild_jax.bench.run_bench", "{dir} is a directory; give a file name"),
+    (["bench", "--save-schedule", "{file}/s.json", "--batch-sizes", "1"], "bild_jax.bench.run_bench", "is a file"),
+    (["sweep", "--out", "{file}"], "bild_jax.cli._load_pair", "{file} is a file; give a directory"),
+    (["tune", "--out", "{file}/sub/p.json"], "bild_jax.cli._load_pair", "cannot write {file}/sub/p.json"),
+    (["tune", "--sweep-out", "{file}/sweep"], "bild_jax.cli._load_pair", "cannot write {file}/sweep"),
+    (["align", "--small", "bundled:small", "--large", "bundled:large", "--data", "x.txt", "--out", "{file}"],
+     "bild_jax.cli._shared_tokenizer", "{file} is a file; give a directory"),
+])
+def test_an_unusable_output_path_fails_before_any_work(tmp_path, capsys, monkeypatch, argv, target, message):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    fill = {"file": str(a_file), "dir": str(tmp_path)}
+
+    def work(*_args, **_kwargs):
+        raise AssertionError("the command started its work before checking its output path")
+
+    monkeypatch.setattr(target, work)
+    assert cli.main([arg.format(**fill) for arg in argv]) == 2
+    assert message.format(**fill) in capsys.readouterr().err
+
+
+def test_written_outputs_get_their_missing_directories(tmp_path):
+    from bild_jax.atomic import check_writable, write_text_atomic
+
+    path = tmp_path / "new" / "deeper" / "rows.json"
+    check_writable(path)
+    write_text_atomic(path, "[]")
+    assert path.read_text() == "[]" and sorted(p.name for p in path.parent.iterdir()) == ["rows.json"]
+
+
 def test_empty_prompts_file_and_mismatched_tokenizers(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
