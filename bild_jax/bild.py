@@ -5,9 +5,10 @@ Per row, the output buffer holds `num_tokens` tokens. `large_seen` of them are i
 token `large_seen` is verified (written or already judged by the large model) and the ones after it are
 unverified drafts. The small model's cache holds all but the last one or two tokens. Each iteration:
 1. `small_step`, every drafting row: feed the 1-2 tokens the small model has not seen, then either append
-   a draft (its argmax, or a sample) or, when its confidence is below `fallback_threshold`, fall back; a
-   row that falls back, has `draft_limit` drafts since the large model last wrote, or (with tail
-   verification) has drafted its end starts waiting, and sits out small steps until its pass;
+   a draft (its argmax, or a sample) or, when its confidence is below `fallback_threshold`, fall back (in
+   exact mode appending that draft all the same, for the large pass to judge); a row that falls back, has
+   `draft_limit` drafts since the large model last wrote, or (with tail verification) has drafted its end
+   starts waiting, and sits out small steps until its pass;
 2. `large_pass`, when the schedule says so (`runs_large_pass`, `bild_jax.schedule`): one large pass over
    the waiting rows' unseen tokens and the other live rows' that fit, a block cut to the narrowest
    compiled width that holds the waiting rows'. A verification rule (`policies.RULES`) finds each row's
@@ -125,6 +126,7 @@ class BiLDPolicy:
     fallback_threshold: jax.Array  # [] float32
     rollback_threshold: jax.Array  # [] float32
     rule: jax.Array                # [] int32 index into policies.RULES: BiLD rollback, exact greedy, speculative
+    drafts_when_unsure: jax.Array  # [] bool a falling-back row still drafts, for the large pass to judge (exact)
     verify_tail: jax.Array         # [] bool, always True when exact
     eos_ids: jax.Array             # [MAX_EOS_IDS] int32, -1 padded
     sampling: SamplingParams
@@ -142,6 +144,7 @@ class BiLDPolicy:
         return cls(fallback_threshold=np.float32(config.fallback_threshold),
                    rollback_threshold=np.float32(config.rollback_threshold),
                    rule=policies.rule_id(config.exact, bool(sampling.sampled)),
+                   drafts_when_unsure=np.bool_(config.exact),
                    verify_tail=np.bool_(config.verify_tail or config.exact), eos_ids=eos_ids, sampling=sampling,
                    draft_limit=np.int32(draft_limit),
                    wait_fraction=np.float32(schedule.wait_fraction),
@@ -160,7 +163,8 @@ class LoopCounters:
     small_calls: jax.Array         # [B] int32 small-model steps the row drafted in
     large_calls: jax.Array         # [B] int32 large-model passes that wrote a token for the row
     fallbacks: jax.Array           # [B] int32 small steps whose confidence was below the threshold
-    rollbacks: jax.Array           # [B] int32 draft tokens replaced by the large model
+    rollbacks: jax.Array           # [B] int32 draft tokens replaced by the large model (in exact mode, the
+                                   # drafts of fallbacks too)
     rolled_back_tokens: jax.Array  # [B] int32 draft tokens discarded by rollbacks (replaced one included)
     verify_passes: jax.Array       # [B] int32 large passes the row took part in, its own or its batch's
 
@@ -297,7 +301,10 @@ def small_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     next_logits = process_logits(logits, ctx.policy.sampling)                      # [B, V]
     falls_back = policies.fallback(next_logits, ctx.policy.fallback_threshold)                        # [B]
     draft = ctx.draw(next_logits, state.num_tokens, DRAFT)                                            # [B]
-    drafts = drafting & ~falls_back
+    # In exact mode the pass a fallback calls judges the unsure draft like any other, keeping it when the
+    # large model agrees: a token more per such pass at the cost of one more block column. BiLD's own
+    # fallback has the large model write that token, as the paper defines it.
+    drafts = drafting & (~falls_back | ctx.policy.drafts_when_unsure)
     num_tokens = state.num_tokens + drafts
     ended = drafts & (is_eos(draft, ctx.policy.eos_ids) | (num_tokens >= n))
     needs_large = drafting & (falls_back | (num_tokens - 1 - state.large_wrote_at >= ctx.policy.draft_limit)

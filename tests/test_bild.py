@@ -119,6 +119,23 @@ def test_fallback_threshold_one_hands_every_token_to_the_large_model(bild_pair):
     np.testing.assert_array_equal(np.asarray(out.stats.large_calls), N)
 
 
+def test_exact_mode_judges_the_draft_a_fallback_would_drop(bild_pair):
+    """Always unsure, exact mode still drafts one token per large pass and keeps it where the large model
+    agrees: the large model's output, small tokens kept, and never two in a row."""
+    small, large = bild_pair("llama")
+    prompts = _prompts(large.vocab_size)
+    config = BiLDConfig(max_new_tokens=N, max_draft=3, fallback_threshold=1.0, exact=True, eos_token_id=[],
+                        schedule=BatchSchedule())
+    out = bild_generate(small, large, prompts, config)
+    greedy = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
+    _check_invariants(out, config, bild_jax.generate.output_pad_id(large))
+    from_large = np.asarray(out.from_large)[:, :N]
+    assert not from_large.all(), "the large model agreed with no unsure draft"
+    assert (from_large[:, 1:] | from_large[:, :-1]).all()
+    np.testing.assert_array_equal(np.asarray(out.stats.fallbacks), np.asarray(out.stats.small_calls))
+
+
 @pytest.mark.parametrize("max_draft", [1, 3, 8])
 def test_max_draft_bounds_consecutive_small_tokens(bild_pair, max_draft):
     """Never falling back or rolling back, the large model writes exactly every (max_draft + 1)-th token,
