@@ -126,13 +126,17 @@ class BiLDPolicy:
     fallback_threshold: jax.Array  # [] float32
     rollback_threshold: jax.Array  # [] float32
     rule: jax.Array                # [] int32 index into policies.RULES: BiLD rollback, exact greedy, speculative
-    drafts_when_unsure: jax.Array  # [] bool a falling-back row still drafts, for the large pass to judge (exact)
     verify_tail: jax.Array         # [] bool, always True when exact
     eos_ids: jax.Array             # [MAX_EOS_IDS] int32, -1 padded
     sampling: SamplingParams
     draft_limit: jax.Array         # [] int32 <= max_draft (see `schedule.BatchSchedule`)
     wait_fraction: jax.Array       # [] float32
     max_wait: jax.Array            # [] int32
+
+    @property
+    def drafts_when_unsure(self) -> jax.Array:
+        """[] bool: a falling-back row still drafts, for the large pass to judge (the exact rules)."""
+        return self.rule != policies.BILD
 
     @classmethod
     def from_config(cls, config: BiLDConfig, eos_ids: jax.Array, batch_size: int = 1) -> "BiLDPolicy":
@@ -144,7 +148,6 @@ class BiLDPolicy:
         return cls(fallback_threshold=np.float32(config.fallback_threshold),
                    rollback_threshold=np.float32(config.rollback_threshold),
                    rule=policies.rule_id(config.exact, bool(sampling.sampled)),
-                   drafts_when_unsure=np.bool_(config.exact),
                    verify_tail=np.bool_(config.verify_tail or config.exact), eos_ids=eos_ids, sampling=sampling,
                    draft_limit=np.int32(draft_limit),
                    wait_fraction=np.float32(schedule.wait_fraction),
