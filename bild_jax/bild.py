@@ -47,7 +47,8 @@ from bild_jax.generate import output_pad_id, prepare_inputs, sample_decode_jit
 from bild_jax.memory import check_bild_fits
 from bild_jax.model import Model, for_decode_loop, with_panels
 from bild_jax.prompts import decoder_capacity, eos_array, is_eos, prefill
-from bild_jax.rows import set_at, take_at, take_block
+from bild_jax.prompt_lookup import prompt_lookup
+from bild_jax.rows import set_at, set_block, take_at, take_block
 from bild_jax.sampling import DRAFT, TOKEN, SamplingParams, check_rng, check_sampling, process_logits, row_keys, sample
 from bild_jax.schedule import BatchSchedule, ScheduleTable, resolve, traced_limits
 
@@ -55,7 +56,7 @@ from bild_jax.schedule import BatchSchedule, ScheduleTable, resolve, traced_limi
 @dataclasses.dataclass(frozen=True)
 class BiLDConfig:
     """BiLD settings. Thresholds, `exact`, `verify_tail`, EOS ids and the sampling settings are traced:
-    changing them reuses the compiled program; `max_draft` and `max_new_tokens` fix shapes.
+    changing them reuses the compiled program; `max_draft`, `lookup_tokens` and `max_new_tokens` fix shapes.
 
     temperature 0 is greedy decoding, where the policies measure the models' plain softmax. With
     temperature > 0 both models' distributions are processed alike (temperature, then top-k, then top-p)
@@ -67,6 +68,9 @@ class BiLDConfig:
     fallback_threshold: float = 0.6   # in [0, 1]: fall back when max softmax prob of the small model < this
     rollback_threshold: float = 5.0   # >= 0 or inf: roll back a draft token when -log p_large(token) > this
     max_draft: int = 10               # >= 1: consecutive small-model tokens before the large model verifies
+    # >= 0, exact greedy mode: where the small model is unsure, draft up to this many tokens by prompt lookup
+    # (`bild_jax.prompt_lookup`), at most max_draft; 0: the small model's unsure token alone.
+    lookup_tokens: int = 4
     max_new_tokens: int = 64
     eos_token_id: int | Sequence[int] | None = None  # None: the large model config's EOS ids
     exact: bool = False               # output = the large model's own: greedy, or its sampling distribution
@@ -91,10 +95,10 @@ class BiLDConfig:
             raise InputError(f"fallback_threshold must be in [0, 1], got {self.fallback_threshold}")
         if math.isnan(self.rollback_threshold) or self.rollback_threshold < 0:
             raise InputError(f"rollback_threshold must be >= 0 (inf allowed), got {self.rollback_threshold}")
-        for name in ("max_draft", "max_new_tokens"):
+        for name, least in (("max_draft", 1), ("max_new_tokens", 1), ("lookup_tokens", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise InputError(f"{name} must be an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise InputError(f"{name} must be an int >= {least}, got {value!r}")
             object.__setattr__(self, name, int(value))
         for name in ("exact", "verify_tail"):
             value = getattr(self, name)
@@ -198,9 +202,12 @@ class DecodeContext:
     large: Model
     policy: BiLDPolicy
     keys: jax.Array                                        # [B] PRNG keys, one stream per row
+    prompts: jax.Array                                     # [B, T] int32 right-padded, for prompt lookup
+    prompt_lengths: jax.Array                              # [B] int32
     max_new_tokens: int = struct.field(pytree_node=False)
     max_draft: int = struct.field(pytree_node=False)
     narrow_widths: tuple[int, ...] = struct.field(pytree_node=False)   # verification widths besides max_draft + 1
+    lookup_tokens: int = struct.field(pytree_node=False)  # <= max_draft, 0: no prompt lookup
 
     def draw(self, logits: jax.Array, positions: jax.Array, stream: int) -> jax.Array:
         """[B] int32 tokens for output positions [B] from processed logits [B, V], with the rows' keys for
@@ -285,20 +292,29 @@ def block_widths(narrow: tuple[int, ...], full: int) -> tuple[int, ...]:
     return tuple(w for w in sorted(set(narrow)) if w < full) + (full,)
 
 
+def small_feed_width(lookup_tokens: int) -> int:
+    """The most tokens a small step feeds: its last draft and the large model's token, or that token after
+    `lookup_tokens` accepted drafts of a prompt lookup."""
+    return max(2, lookup_tokens + 1)
+
+
 def small_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     """Feeds every drafting row's unseen tokens to the small model and drafts or falls back; a row that
     falls back, reaches `max_draft` drafts or (with tail verification) drafts its end starts waiting."""
-    drafting, n = state.drafting, ctx.max_new_tokens
-    count = jnp.where(drafting, state.num_tokens - state.small_seen, 0)             # [B] 1 or 2 tokens to feed
-    block = take_block(state.tokens, state.small_seen, count, 2)                    # [B, 2]
+    drafting, n, widest = state.drafting, ctx.max_new_tokens, small_feed_width(ctx.lookup_tokens)
+    count = jnp.where(drafting, state.num_tokens - state.small_seen, 0)             # [B] 1 .. widest to feed
+    block = take_block(state.tokens, state.small_seen, count, widest)               # [B, F]
 
     def feed(width: int):
         def run(block, cache):
             logits, kv = ctx.small.decode_block(block[:, :width], cache)           # [B, width, V]
-            return take_at(logits, jnp.clip(count - 1, 0, width - 1)), kv.padded(2)   # [B, V] after the last fed
+            return take_at(logits, jnp.clip(count - 1, 0, width - 1)), kv.padded(widest)   # [B, V] after the last
         return run
 
-    logits, kv = lax.switch(jnp.int32(count.max() > 1), [feed(1), feed(2)], block, state.small_cache)
+    # Mostly one token, two after a large pass, more only after accepted lookup drafts.
+    widths = tuple(sorted({1, 2, widest}))
+    branch = jnp.searchsorted(jnp.asarray(widths), count.max())                     # []
+    logits, kv = lax.switch(branch, [feed(w) for w in widths], block, state.small_cache)
     small_cache = state.small_cache.write(kv).with_lengths(
         jnp.where(drafting, state.small_offset + state.num_tokens, state.small_cache.lengths))
     next_logits = process_logits(logits, ctx.policy.sampling)                      # [B, V]
@@ -308,7 +324,11 @@ def small_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     # large model agrees: a token more per such pass at the cost of one more block column. BiLD's own
     # fallback has the large model write that token, as the paper defines it.
     drafts = drafting & (~falls_back | ctx.policy.drafts_when_unsure)
-    num_tokens = state.num_tokens + drafts
+    appended, appended_count = draft[:, None], drafts.astype(jnp.int32)                 # [B, L], [B]
+    if ctx.lookup_tokens:
+        appended, appended_count = _prefer_lookup(ctx, state, drafting & falls_back, appended, appended_count)
+    num_tokens = state.num_tokens + appended_count
+    # A row appending lookup drafts falls back, and waits whatever they hold.
     ended = drafts & (is_eos(draft, ctx.policy.eos_ids) | (num_tokens >= n))
     needs_large = drafting & (falls_back | (num_tokens - 1 - state.large_wrote_at >= ctx.policy.draft_limit)
                               | (ended & ctx.policy.verify_tail))
@@ -316,11 +336,33 @@ def small_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     return state.replace(
         small_cache=small_cache, num_tokens=num_tokens,
         waiting=state.waiting | needs_large, waited=jnp.where(state.waiting, state.waited + 1, 0),
-        tokens=set_at(state.tokens, state.num_tokens, draft, drafts),
-        from_large=set_at(state.from_large, state.num_tokens, False, drafts),
+        tokens=set_block(state.tokens, state.num_tokens, appended, appended_count),
+        from_large=set_block(state.from_large, state.num_tokens, jnp.zeros_like(appended, bool), appended_count),
         draft_logits=set_at(state.draft_logits, state.num_tokens % ctx.max_draft, next_logits, drafts),
         counters=counters.replace(small_calls=counters.small_calls + drafting,
                                   fallbacks=counters.fallbacks + (drafting & falls_back)))
+
+
+def _prefer_lookup(ctx: DecodeContext, state: DecodeState, unsure: jax.Array, appended: jax.Array,
+                   appended_count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The drafts to append, [B, lookup_tokens] and their count [B]: a prompt lookup's where exact greedy mode's
+    small model is `unsure` [B] bool and the lookup finds some, else `appended` [B, 1] (its count [B]). A
+    row never holds more than draft_limit drafts or runs past max_new_tokens. Sampled exact mode keeps its
+    drafts: speculative rejection needs the distribution each was drawn from."""
+    width = ctx.lookup_tokens
+    appended = jnp.pad(appended, ((0, 0), (0, width - 1)))                               # [B, L]
+    looks_up = unsure & (ctx.policy.rule == policies.EXACT_GREEDY)                       # [B]
+    room = jnp.minimum(ctx.policy.draft_limit - (state.num_tokens - 1 - state.large_wrote_at),
+                       ctx.max_new_tokens - state.num_tokens)                            # [B] >= 1 where drafting
+
+    def look_up(_):
+        found, found_count = prompt_lookup(ctx.prompts, ctx.prompt_lengths, state.tokens, state.num_tokens, width)
+        uses = looks_up & (found_count > 0)                                               # [B]
+        return (jnp.where(uses[:, None], found, appended),
+                jnp.where(uses, jnp.minimum(found_count, room), appended_count))
+
+    # Most steps have no unsure row: they skip the search.
+    return lax.cond(looks_up.any(), look_up, lambda _: (appended, appended_count), None)
 
 
 def large_pass(ctx: DecodeContext, state: DecodeState, needs_large: jax.Array, takes_part: jax.Array,
@@ -413,10 +455,11 @@ def decode_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
 
 
 def cache_capacities(small: Model, large: Model, prompt_width: int, max_new_tokens: int,
-                     max_draft: int) -> tuple[int, int]:
+                     max_draft: int, lookup_tokens: int) -> tuple[int, int]:
     """Slots per row of the small and the large cache: prompt bucket (T5: the start token) + max_new_tokens
-    + 2, and + max_draft + 1, so that a write never runs past the end (`dynamic_update_slice` would clamp)."""
-    return (decoder_capacity(small, prompt_width, max_new_tokens + 2),
+    + the small model's widest feed (`small_feed_width`), and + max_draft + 1, so that a write never runs
+    past the end (`dynamic_update_slice` would clamp)."""
+    return (decoder_capacity(small, prompt_width, max_new_tokens + small_feed_width(lookup_tokens)),
             decoder_capacity(large, prompt_width, max_new_tokens + max_draft + 1))
 
 
@@ -427,7 +470,8 @@ def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array
 
     batch, width = prompts.shape
     n = ctx.max_new_tokens
-    small_capacity, large_capacity = cache_capacities(ctx.small, ctx.large, width, n, ctx.max_draft)
+    small_capacity, large_capacity = cache_capacities(ctx.small, ctx.large, width, n, ctx.max_draft,
+                                                      ctx.lookup_tokens)
     _, small_cache = prefill(ctx.small, prompts, prompt_lengths, small_capacity)
     large_logits, large_cache = prefill(ctx.large, prompts, prompt_lengths, large_capacity)
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -446,22 +490,33 @@ def init_state(ctx: DecodeContext, prompts: jax.Array, prompt_lengths: jax.Array
         small_offset=offset(ctx.small), large_offset=offset(ctx.large))
 
 
+def make_context(small: Model, large: Model, prompts: jax.Array, prompt_lengths: jax.Array, policy: BiLDPolicy,
+                 max_new_tokens: int, max_draft: int, rng: jax.Array | None, narrow_widths: tuple[int, ...],
+                 lookup_tokens: int) -> DecodeContext:
+    """The loop's context for `bild_decode`'s arguments (inside its jit): the models as the loop holds them."""
+    batch = prompts.shape[0]
+    lookup_tokens = min(lookup_tokens, max_draft)
+    # The widest passes in the loop: the small model's widest feed, the large model's full block.
+    return DecodeContext(small=for_decode_loop(small, rows=small_feed_width(lookup_tokens) * batch),
+                         large=for_decode_loop(large, rows=(max_draft + 1) * batch), policy=policy,
+                         keys=row_keys(rng, batch), prompts=prompts, prompt_lengths=prompt_lengths,
+                         max_new_tokens=max_new_tokens, max_draft=max_draft, narrow_widths=tuple(narrow_widths),
+                         lookup_tokens=lookup_tokens)
+
+
 def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: jax.Array, policy: BiLDPolicy,
                 max_new_tokens: int, max_draft: int, pad_token_id: int = 0, rng: jax.Array | None = None,
-                narrow_widths: tuple[int, ...] = NARROW_VERIFY_WIDTHS) -> BiLDOutput:
+                narrow_widths: tuple[int, ...] = NARROW_VERIFY_WIDTHS,
+                lookup_tokens: int = BiLDConfig.lookup_tokens) -> BiLDOutput:
     """Pure BiLD decoding, for use inside the caller's own `jax.jit`.
 
     prompts [B, T] int32 right-padded with prompt_lengths [B] int32 (the encoder input for T5 pairs);
-    `max_new_tokens`, `max_draft`, `pad_token_id` and `narrow_widths` (the verification block widths compiled
-    besides max_draft + 1) are static. `rng`: one PRNG key or [B] keys, one per row (`sampling.row_keys`);
+    `max_new_tokens`, `max_draft`, `pad_token_id`, `narrow_widths` (the verification block widths compiled
+    besides max_draft + 1) and `lookup_tokens` (`BiLDConfig`'s, at most max_draft) are static. `rng`: one PRNG key or [B] keys, one per row (`sampling.row_keys`);
     None uses a fixed key, fine for greedy decoding, which draws nothing.
     """
-    batch = prompts.shape[0]
-    # The widest passes in the loop: the small model's two-token feed, the large model's full block.
-    ctx = DecodeContext(small=for_decode_loop(small, rows=2 * batch),
-                        large=for_decode_loop(large, rows=(max_draft + 1) * batch), policy=policy,
-                        keys=row_keys(rng, prompts.shape[0]), max_new_tokens=max_new_tokens, max_draft=max_draft,
-                        narrow_widths=tuple(narrow_widths))
+    ctx = make_context(small, large, prompts, prompt_lengths, policy, max_new_tokens, max_draft, rng, narrow_widths,
+                       lookup_tokens)
     state = init_state(ctx, prompts, prompt_lengths)
     state = lax.while_loop(lambda s: ~s.done.all(), functools.partial(decode_step, ctx), state)
     return _output(state, max_new_tokens, policy.eos_ids, pad_token_id)
@@ -484,7 +539,8 @@ def _output(state: DecodeState, n: int, eos_ids: jax.Array, pad_token_id: int) -
                       from_large=state.from_large[:, :n] & kept, stats=stats)
 
 
-def make_bild_decode(small: Model, large: Model, max_new_tokens: int, max_draft: int):
+def make_bild_decode(small: Model, large: Model, max_new_tokens: int, max_draft: int,
+                     lookup_tokens: int = BiLDConfig.lookup_tokens):
     """A pure, jittable `fn(small_params, large_params, prompts [B, T] int32, prompt_lengths [B] int32,
     policy: BiLDPolicy, rng=None) -> BiLDOutput` for the given pair's architectures and static sizes; use it
     inside your own `jax.jit`. Build `policy` with `BiLDPolicy.from_config(config, eos_array(large, ids))`;
@@ -496,7 +552,8 @@ def make_bild_decode(small: Model, large: Model, max_new_tokens: int, max_draft:
     def decode(small_params, large_params, prompts, prompt_lengths, policy: BiLDPolicy, rng=None) -> BiLDOutput:
         return bild_decode(small.replace(params=small_params), large.replace(params=large_params), prompts,
                            prompt_lengths, policy, max_new_tokens=max_new_tokens, max_draft=max_draft,
-                           pad_token_id=output_pad_id(large), rng=rng, narrow_widths=narrow_widths)
+                           pad_token_id=output_pad_id(large), rng=rng, narrow_widths=narrow_widths,
+                           lookup_tokens=lookup_tokens)
 
     return decode
 
@@ -516,7 +573,7 @@ def check_pair(small: Model, large: Model) -> None:
 
 
 _bild_decode_jit = jax.jit(bild_decode, static_argnames=("max_new_tokens", "max_draft", "pad_token_id",
-                                                         "narrow_widths"))
+                                                         "narrow_widths", "lookup_tokens"))
 
 
 def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = BiLDConfig(),
@@ -536,8 +593,10 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
     narrow_widths = narrow_verify_widths()
     (large, small), prompts, prompt_lengths = prepare_inputs((large, small), input_ids, config.max_new_tokens,
                                                              attention_mask, mesh)
+    lookup_tokens = min(config.lookup_tokens, config.max_draft)
     check_bild_fits(small, large, prompts, cache_capacities(small, large, prompts.shape[1], config.max_new_tokens,
-                                                            config.max_draft), config.max_new_tokens, config.max_draft)
+                                                            config.max_draft, lookup_tokens),
+                    config.max_new_tokens, config.max_draft, small_feed_width(lookup_tokens))
     small, large = with_panels(small), with_panels(large)
     schedule = resolve(config.schedule, len(prompts))
     eos_ids = eos_array(large, config.eos_token_id)
@@ -551,7 +610,7 @@ def bild_generate(small: Model, large: Model, input_ids, config: BiLDConfig = Bi
         return large_only_output(out.tokens, out.lengths, schedule)
     out = _bild_decode_jit(small, large, prompts, prompt_lengths, policy, max_new_tokens=config.max_new_tokens,
                            max_draft=config.max_draft, pad_token_id=output_pad_id(large), rng=keys,
-                           narrow_widths=narrow_widths)
+                           narrow_widths=narrow_widths, lookup_tokens=lookup_tokens)
     return out.replace(schedule=schedule)
 
 

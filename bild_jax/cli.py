@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (batched)")
     generate.add_argument("--exact", action="store_true", help="lossless: output equals the large model's greedy")
+    generate.add_argument("--lookup-tokens", type=int, default=bild_jax.BiLDConfig().lookup_tokens,
+                          help="with --exact, greedy: tokens drafted by prompt lookup where the small model is "
+                               "unsure, 0 = none (default %(default)s)")
     generate.add_argument("--json", action="store_true", help="print JSON lines with text, tokens and stats")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
     generate.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens, 0 = all")
@@ -238,7 +241,7 @@ def _generate_config(args) -> tuple[bild_jax.BiLDConfig, str]:
 
     schedule = None if args.schedule is None else ScheduleTable.load(args.schedule)
     settings = dict(max_new_tokens=args.max_new_tokens, exact=args.exact, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, schedule=schedule)
+                    top_k=args.top_k, top_p=args.top_p, lookup_tokens=args.lookup_tokens, schedule=schedule)
     given = {name: value for name, value in [("fallback_threshold", args.fallback),
                                              ("rollback_threshold", args.rollback), ("max_draft", args.max_draft)]
              if value is not None}

@@ -62,12 +62,13 @@ def check_generate_fits(model: Model, prompts: np.ndarray | jax.Array, max_new_t
 
 
 def check_bild_fits(small: Model, large: Model, prompts: np.ndarray | jax.Array, capacities: tuple[int, int],
-                    max_new_tokens: int, max_draft: int) -> None:
+                    max_new_tokens: int, max_draft: int, small_feed: int) -> None:
     """InputError unless BiLD decoding of prompts [B, T] fits on the prompts' devices: both caches
     (`capacities`: small, large), the draft-logit ring [B, max_draft, V] float32, the outputs [B, N] int32 +
-    bool, and the widest pass (a large block of max_draft + 1 tokens)."""
+    bool, and the widest passes (the small model's feed of `small_feed` tokens, a large block of
+    max_draft + 1)."""
     batch, width = prompts.shape
-    small_held, small_transient = model_needs(small, "small", batch, width, capacities[0], 2, "max_draft")
+    small_held, small_transient = model_needs(small, "small", batch, width, capacities[0], small_feed, "lookup_tokens")
     large_held, large_transient = model_needs(large, "large", batch, width, capacities[1], max_draft + 1, "max_draft")
     ring = Need("the draft-logit ring", "max_draft", 4 * batch * max_draft * large.vocab_size)
     outputs = Need("the output tokens", "max_new_tokens", 5 * batch * max_new_tokens)

@@ -26,3 +26,12 @@ def set_at(buffer: jax.Array, index: jax.Array, value: jax.Array, where: jax.Arr
     value = jnp.asarray(value)
     where = where.reshape(where.shape + (1,) * (value.ndim - 1))
     return buffer.at[rows, index].set(jnp.where(where, value, buffer[rows, index]))
+
+
+def set_block(buffer: jax.Array, starts: jax.Array, values: jax.Array, counts: jax.Array) -> jax.Array:
+    """buffer [B, L, ...] with buffer[b, starts[b] + i] = values[b, i] for i < counts[b]; values [B, W, ...],
+    starts and counts [B] int32. Writes past L are dropped."""
+    offsets = jnp.arange(values.shape[1], dtype=jnp.int32)[None, :]                       # [1, W]
+    index = jnp.where(offsets < counts[:, None], starts[:, None] + offsets, buffer.shape[1])  # [B, W], L: none
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, index].set(values, mode="drop")

@@ -125,7 +125,7 @@ def test_exact_mode_judges_the_draft_a_fallback_would_drop(bild_pair):
     small, large = bild_pair("llama")
     prompts = _prompts(large.vocab_size)
     config = BiLDConfig(max_new_tokens=N, max_draft=3, fallback_threshold=1.0, exact=True, eos_token_id=[],
-                        schedule=BatchSchedule())
+                        schedule=BatchSchedule(), lookup_tokens=0)
     out = bild_generate(small, large, prompts, config)
     greedy = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=[])
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
@@ -134,6 +134,47 @@ def test_exact_mode_judges_the_draft_a_fallback_would_drop(bild_pair):
     assert not from_large.all(), "the large model agreed with no unsure draft"
     assert (from_large[:, 1:] | from_large[:, :-1]).all()
     np.testing.assert_array_equal(np.asarray(out.stats.fallbacks), np.asarray(out.stats.small_calls))
+
+
+def test_exact_mode_drafts_by_prompt_lookup_where_unsure(bild_pair):
+    """Always unsure, exact mode with prompt lookup keeps runs of drafted tokens where the large model's
+    output repeats itself (the tiny pair's greedy output cycles in two rows), and still equals its greedy
+    output; the large passes go down."""
+    small, large = bild_pair("llama")
+    prompts = _prompts(large.vocab_size)
+    greedy = bild_jax.greedy_generate(large, prompts, max_new_tokens=N, eos_token_id=[])
+    runs = {}
+    for lookup_tokens in (0, 4):
+        config = BiLDConfig(max_new_tokens=N, max_draft=8, fallback_threshold=1.0, exact=True, eos_token_id=[],
+                            schedule=BatchSchedule(), lookup_tokens=lookup_tokens)
+        runs[lookup_tokens] = out = bild_generate(small, large, prompts, config)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
+        _check_invariants(out, config, bild_jax.generate.output_pad_id(large))
+    drafted = ~np.asarray(runs[4].from_large)[:, :N]
+    assert (drafted[:, 1:] & drafted[:, :-1]).any(), "no two drafted tokens in a row: no lookup was kept"
+    assert np.asarray(runs[4].stats.verify_passes).sum() < np.asarray(runs[0].stats.verify_passes).sum()
+
+
+def test_small_model_catches_up_on_accepted_lookup_drafts(bild_pair):
+    """A small step feeding the widest block (lookup_tokens accepted drafts and the large model's token)
+    leaves the small model where its own greedy decoding would be: its next draft is its greedy token."""
+    small, large = bild_pair("llama")
+    lookup_tokens = 4
+    fed = bild.small_feed_width(lookup_tokens)
+    prompts, lengths = bild_jax.generate.prepare_inputs((small,), _prompts(large.vocab_size), N, None, None)[1:]
+    expected = np.asarray(bild_jax.greedy_generate(small, _prompts(large.vocab_size), max_new_tokens=fed + 1,
+                                                   eos_token_id=[]).tokens)
+    config = BiLDConfig(max_new_tokens=N, max_draft=8, fallback_threshold=0.0, eos_token_id=[], schedule=BatchSchedule(),
+                        lookup_tokens=lookup_tokens)
+    policy = bild.BiLDPolicy.from_config(config, bild_jax.prompts.eos_array(large, []), len(prompts))
+    ctx = bild.make_context(bild_jax.model.with_panels(small), bild_jax.model.with_panels(large), prompts, lengths,
+                            policy, N, config.max_draft, None, bild.NARROW_VERIFY_WIDTHS, lookup_tokens)
+    state = bild.init_state(ctx, prompts, lengths)
+    state = state.replace(tokens=state.tokens.at[:, :fed].set(expected[:, :fed]),
+                          num_tokens=jnp.full_like(state.num_tokens, fed))
+    state = bild.small_step(ctx, state)
+    np.testing.assert_array_equal(np.asarray(state.small_seen), fed)
+    np.testing.assert_array_equal(np.asarray(state.tokens[:, fed]), expected[:, fed])
 
 
 @pytest.mark.parametrize("max_draft", [1, 3, 8])
@@ -224,6 +265,8 @@ def test_pure_decode_function_runs_inside_user_jit(bild_pair):
     (dict(rollback_threshold=float("nan")), "rollback_threshold must be >= 0"),
     (dict(max_draft=0), "max_draft must be an int >= 1"),
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+    (dict(lookup_tokens=-1), "lookup_tokens must be an int >= 0"),
+    (dict(lookup_tokens=2.0), "lookup_tokens must be an int >= 0"),
 ])
 def test_bad_config_is_refused(changes, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -122,6 +122,7 @@ def test_sweep_writes_csv_png_and_recommends(tmp_path, capsys):
     (["generate", "--small", "/no/such/model", "--prompt", "x"], "no model directory at /no/such/model"),
     (["generate", "--prompt", "x", "--fallback", "2"], "fallback_threshold must be in [0, 1]"),
     (["generate", "--prompt", "x", "--max-draft", "0"], "max_draft must be an int >= 1"),
+    (["generate", "--prompt", "x", "--lookup-tokens", "-1"], "lookup_tokens must be an int >= 0"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["generate", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["generate", "--prompt", "x", "--schedule", "/no/such/schedule.json"], "no schedule table at"),

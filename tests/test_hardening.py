@@ -38,9 +38,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def fake_bild_decode(small, large, prompts, prompt_lengths, policy, *, max_new_tokens, max_draft, pad_token_id,
-                     rng=None, narrow_widths):
+                     rng=None, narrow_widths, lookup_tokens):
     """Stands in for the compiled BiLD program: checks what it is given, returns zeros of the output shapes."""
     assert type(max_new_tokens) is int and type(max_draft) is int and type(pad_token_id) is int
+    assert type(lookup_tokens) is int and 0 <= lookup_tokens <= max_draft
     assert type(narrow_widths) is tuple and all(type(width) is int for width in narrow_widths)
     batch = prompts.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -147,7 +148,7 @@ _ANY = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 40, 2 ** 40), st.fl
                  st.integers(-5, 40).map(np.int64), st.floats(-1, 2).map(np.float32), st.lists(st.integers(-2, 200),
                                                                                                   max_size=9))
 _FIELDS = ["fallback_threshold", "rollback_threshold", "max_draft", "max_new_tokens", "eos_token_id", "exact",
-           "verify_tail", "temperature", "top_k", "top_p"]
+           "verify_tail", "temperature", "top_k", "top_p", "lookup_tokens"]
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -163,7 +164,7 @@ def test_random_bild_configs_are_refused_or_run(data, bild_pair, no_compile):
     assert out.tokens.shape == (1, config.max_new_tokens)
     for name in ("fallback_threshold", "rollback_threshold", "temperature", "top_p"):
         assert type(getattr(config, name)) is float
-    for name in ("max_draft", "max_new_tokens", "top_k"):
+    for name in ("max_draft", "max_new_tokens", "top_k", "lookup_tokens"):
         assert type(getattr(config, name)) is int
 
 
