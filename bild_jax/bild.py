@@ -313,7 +313,7 @@ def small_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
 
     # Mostly one token, two after a large pass, more only after accepted lookup drafts.
     widths = tuple(sorted({1, 2, widest}))
-    branch = jnp.searchsorted(jnp.asarray(widths), count.max())                     # []
+    branch = (jnp.asarray(widths) < count.max()).sum()                               # [] the narrowest that holds
     logits, kv = lax.switch(branch, [feed(w) for w in widths], block, state.small_cache)
     small_cache = state.small_cache.write(kv).with_lengths(
         jnp.where(drafting, state.small_offset + state.num_tokens, state.small_cache.lengths))
@@ -437,7 +437,8 @@ def decode_step(ctx: DecodeContext, state: DecodeState) -> DecodeState:
     unseen = jnp.where(state.live, state.num_tokens - state.large_seen, 0)                # [B]
     widths = block_widths(ctx.narrow_widths, ctx.max_draft + 1)
     width_values = jnp.asarray(widths)                                                     # [W] int32
-    branch = jnp.searchsorted(width_values, jnp.where(needs_large, unseen, 0).max())        # []
+    # The narrowest width >= the waiting rows' tokens (jnp.searchsorted would be a nested while loop).
+    branch = (width_values < jnp.where(needs_large, unseen, 0).max()).sum()                # []
     # The other live rows have their drafts judged too, when they fit the block the waiting rows need.
     # Without tail verification a row may end on unjudged drafts; judging other rows' drafts early would
     # then make a row's output depend on its batch.
