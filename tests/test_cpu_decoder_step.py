@@ -56,20 +56,29 @@ def test_native_pass_matches_the_module(bild_pair, dtype):
         np.testing.assert_allclose(native, reference, rtol=2e-5, atol=2e-5)
 
 
-def test_a_block_equals_its_one_token_steps_bitwise(bild_pair):
-    """Exact mode's guarantee: each token's logits, keys and values from a 3-token block are bitwise those
-    of three one-token steps."""
-    model = _decode_model(bild_pair("llama")[1], jnp.float32)
-    cache = _after_prompt(model)
-    block_logits, block = jax.jit(lambda m, t, c: m.decode_block(t, c))(model, BLOCK, cache)
+@pytest.mark.parametrize("in_cache", [True, False])
+def test_a_block_equals_its_one_token_steps_bitwise(bild_pair, monkeypatch, in_cache):
+    """Exact mode's guarantee: each token's logits, keys and values from a 3-token and a 5-token block (one
+    and two register tiles of rows) are bitwise those of one-token steps, for weights the threads split from
+    both ends (a model that fits in L2, as the tiny one does) and for weights streamed from memory, split in
+    contiguous runs of panels that prefetch the next one (what a larger model gets)."""
+    if not in_cache:
+        monkeypatch.setattr(native_library, "l2_cache_bytes", lambda: 0)
+    model = _decode_model(bild_pair("llama")[1].replace(), jnp.float32)  # a fresh object: `with_panels` remembers
+    assert model.params["layers_0"]["mlp"]["gate_proj"]["kernel"].in_cache == in_cache
+    wide = jnp.concatenate([BLOCK, BLOCK + 30], axis=1)[:, :5]
     step = jax.jit(lambda m, t, c: m.decode(t, c))
-    for i in range(BLOCK.shape[1]):
-        logits, cache = step(model, BLOCK[:, i:i + 1], cache)
-        np.testing.assert_array_equal(logits[:, 0], block_logits[:, i])
-        for layer in range(model.config.num_layers):
-            rows = jnp.arange(BLOCK.shape[0])
-            np.testing.assert_array_equal(cache.keys[layer][rows, :, cache.lengths - 1], block.keys[layer][:, i])
-            np.testing.assert_array_equal(cache.values[layer][rows, :, cache.lengths - 1], block.values[layer][:, i])
+    for tokens in (BLOCK, wide):
+        cache = _after_prompt(model)
+        block_logits, block = jax.jit(lambda m, t, c: m.decode_block(t, c))(model, tokens, cache)
+        for i in range(tokens.shape[1]):
+            logits, cache = step(model, tokens[:, i:i + 1], cache)
+            np.testing.assert_array_equal(logits[:, 0], block_logits[:, i])
+            for layer in range(model.config.num_layers):
+                rows = jnp.arange(tokens.shape[0])
+                np.testing.assert_array_equal(cache.keys[layer][rows, :, cache.lengths - 1], block.keys[layer][:, i])
+                np.testing.assert_array_equal(cache.values[layer][rows, :, cache.lengths - 1],
+                                              block.values[layer][:, i])
 
 
 def test_the_module_keeps_what_the_native_pass_does_not_compute(bild_pair):

@@ -113,7 +113,12 @@ void Products(Team& team, const float* x, int64_t m, int64_t k, const std::vecto
   bild::products::ReadRows(x, rows, products);
   const ProductGroup<W> group(std::move(products));
   if (!in_cache) {
-    team.Stage(group.tasks(), [&](int64_t task) { group.Run(task); });
+    if (group.in_parts()) {
+      const int64_t parts = std::min(team.size(), group.tasks());
+      team.Stage(parts, [&](int64_t part) { group.RunPart(part, parts); });
+    } else {
+      team.Stage(group.tasks(), [&](int64_t task) { group.Run(task); });
+    }
     return;
   }
   // Weights that stay in the cores' L2 caches: one part per thread, each core mostly taking the same part

@@ -76,7 +76,12 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingA
     std::vector<RowsOf<W>> rows;
     ReadRows(x.typed_data(), rows, products);
     const ProductGroup<W> group(std::move(products));
-    InChunks(pool, group.tasks(), [&](int64_t task) { group.Run(task); }, in_cache);
+    if (!in_cache && group.in_parts()) {
+      const int64_t parts = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), group.tasks());
+      InChunks(pool, parts, [&](int64_t part) { group.RunPart(part, parts); });
+    } else {
+      InChunks(pool, group.tasks(), [&](int64_t task) { group.Run(task); }, in_cache);
+    }
     return ffi::Error::Success();
   };
   return dtype == ffi::DataType::F32 ? run(float{}) : run(uint16_t{});

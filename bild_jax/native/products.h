@@ -162,6 +162,21 @@ inline RowChunks SplitRows(int64_t k) {
   return {count, ChunkSize(k, count, kChunkUnit)};
 }
 
+// Lines of the weight read next, prefetched into L2 a few per step of a row tile, so that the weight stream
+// from memory runs on while the tiles compute (`ProductGroup::Run`).
+struct Ahead {
+  const char* start = nullptr;  // the next panel's first byte, null for none
+  int64_t lines = 0;            // its 64-byte lines
+  int64_t per_step = 0;         // lines prefetched per step (row of the panel) of each row tile
+  int64_t from = 0;             // the first line this tile prefetches
+  void Fetch(int64_t step) const {
+    for (int64_t l = 0; l < per_step; ++l) {
+      const int64_t line = from + step * per_step + l;
+      if (line < lines) __builtin_prefetch(start + 64 * line, 0, 2);
+    }
+  }
+};
+
 // The rows of x in tiles of up to MR rows x V vectors of a panel's columns: a tile stays in registers over
 // a whole row chunk of the panel, so that each vector of w read feeds MR multiply-adds, and each output is
 // stored once per chunk, the chunk's sum added to it there. A panel's chunk is one contiguous block of
@@ -174,7 +189,7 @@ inline RowChunks SplitRows(int64_t k) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <int64_t MR, int64_t V, typename W>
 void TileChunk(const Product<W>& p, const W* __restrict panel, int64_t width, int64_t r0, int64_t k0,
-               int64_t rows, int64_t j, bool first) {
+               int64_t rows, int64_t j, bool first, const Ahead& ahead) {
   constexpr bool pairs = std::is_same_v<W, uint16_t>;
   const W* __restrict w = panel + bild::PanelIndex(k0, j, width, pairs);
   const RowsOf<W>* x = p.x + r0 * p.ldx + k0;
@@ -185,6 +200,7 @@ void TileChunk(const Product<W>& p, const W* __restrict panel, int64_t width, in
   if constexpr (!pairs) {
 #pragma GCC unroll 4
     for (int64_t i = 0; i < rows; ++i) {
+      if (ahead.start) ahead.Fetch(i);
       Vector wv[V];
       for (int64_t v = 0; v < V; ++v) wv[v] = Load(w + i * width + v * kVector);
       for (int64_t r = 0; r < MR; ++r) {
@@ -195,6 +211,7 @@ void TileChunk(const Product<W>& p, const W* __restrict panel, int64_t width, in
   } else {
 #pragma GCC unroll 2
     for (int64_t i = 0; i < rows; i += 2) {  // an odd last row pairs with the zero row after it
+      if (ahead.start) ahead.Fetch(i), ahead.Fetch(i + 1);
       Integers wv[V];
       for (int64_t v = 0; v < V; ++v) wv[v] = LoadPairs(w + i * width + 2 * v * kVector);
       for (int64_t r = 0; r < MR; ++r) {
@@ -220,17 +237,17 @@ void TileChunk(const Product<W>& p, const W* __restrict panel, int64_t width, in
 // Columns j .. j + V vectors of a panel (y's columns from `column` on), every row tile in turn.
 template <int64_t V, typename W>
 void TileRows(const Product<W>& p, const W* panel, int64_t width, int64_t column, int64_t k0, int64_t rows,
-              int64_t j, bool first) {
+              int64_t j, bool first, Ahead ahead) {
   Product<W> at = p;
   at.y += column;
-  for (int64_t r0 = 0; r0 < p.m; r0 += kTileRows) {
+  for (int64_t r0 = 0; r0 < p.m; r0 += kTileRows, ahead.from += rows * ahead.per_step) {
     switch (std::min(kTileRows, p.m - r0)) {
-      case 1: TileChunk<1, V>(at, panel, width, r0, k0, rows, j, first); break;
-      case 2: TileChunk<2, V>(at, panel, width, r0, k0, rows, j, first); break;
-      case 3: TileChunk<3, V>(at, panel, width, r0, k0, rows, j, first); break;
-      case 4: TileChunk<4, V>(at, panel, width, r0, k0, rows, j, first); break;
-      case 5: TileChunk<5, V>(at, panel, width, r0, k0, rows, j, first); break;
-      default: TileChunk<kTileRows, V>(at, panel, width, r0, k0, rows, j, first); break;
+      case 1: TileChunk<1, V>(at, panel, width, r0, k0, rows, j, first, ahead); break;
+      case 2: TileChunk<2, V>(at, panel, width, r0, k0, rows, j, first, ahead); break;
+      case 3: TileChunk<3, V>(at, panel, width, r0, k0, rows, j, first, ahead); break;
+      case 4: TileChunk<4, V>(at, panel, width, r0, k0, rows, j, first, ahead); break;
+      case 5: TileChunk<5, V>(at, panel, width, r0, k0, rows, j, first, ahead); break;
+      default: TileChunk<kTileRows, V>(at, panel, width, r0, k0, rows, j, first, ahead); break;
     }
   }
 }
@@ -239,7 +256,7 @@ void TileRows(const Product<W>& p, const W* panel, int64_t width, int64_t column
 // y[:, the panel's columns] for panel `panel` of w, summed as `SplitRows` says: chunk by chunk, each
 // chunk's sum stored (the first) or added to y.
 template <typename W>
-void PanelProduct(const Product<W>& p, RowChunks split, int64_t panel) {
+void PanelProduct(const Product<W>& p, RowChunks split, int64_t panel, Ahead ahead = {}) {
   constexpr bool pairs = std::is_same_v<W, uint16_t>;
   const int64_t width = bild::PanelWidth(p.n, panel), column = panel * bild::kPanelColumns;
   const W* w = p.w + bild::PanelOffset(bild::PanelRows(p.k, sizeof(W)), panel);
@@ -248,9 +265,11 @@ void PanelProduct(const Product<W>& p, RowChunks split, int64_t panel) {
     const bool first = c == 0;
     int64_t j = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-    for (; j + kTileVectors * kVector <= width; j += kTileVectors * kVector)
-      TileRows<kTileVectors>(p, w, width, column, k0, rows, j, first);
-    for (; j + kVector <= width; j += kVector) TileRows<1>(p, w, width, column, k0, rows, j, first);
+    Ahead chunk_ahead = ahead;  // the chunk's share of the next panel's lines: its steps' of all steps
+    chunk_ahead.from += k0 * ((p.m + kTileRows - 1) / kTileRows) * ahead.per_step;
+    for (; j + kTileVectors * kVector <= width; j += kTileVectors * kVector, chunk_ahead = {})
+      TileRows<kTileVectors>(p, w, width, column, k0, rows, j, first, chunk_ahead);
+    for (; j + kVector <= width; j += kVector) TileRows<1>(p, w, width, column, k0, rows, j, first, Ahead{});
 #endif
     for (; j < width; ++j)
       for (int64_t r = 0; r < p.m; ++r) {
@@ -399,10 +418,37 @@ struct ProductGroup {
     }
   }
   int64_t tasks() const { return first_task.back(); }
-  void Run(int64_t task) const {
+  // Whether threads should take `RunPart`s: products of several rows, whose tiles compute while the next
+  // panel streams in. One row streams at memory speed as it is, and is balanced best panel by panel (`Run`).
+  bool in_parts() const { return products.front().m >= 2; }
+  // Runs task `task`; with `next` (the task this thread runs after it), prefetching that task's panel into L2
+  // as it goes, so that the weight stream from memory runs on while the row tiles compute (the bundled large
+  // model's 11-token verification block 0.84-0.86x the time, 4-8 tokens 0.89-0.93x, 2 tokens 0.96x; the two
+  // alternating in one process). The sums are the same: a prefetch moves no value.
+  void Run(int64_t task, int64_t next = -1) const {
+    const size_t i = ProductOf(task);
+    Ahead ahead;
+    const Product<W>& p = products[i];
+    if (next >= 0 && next < tasks()) {
+      const size_t n = ProductOf(next);
+      const Product<W>& q = products[n];
+      const int64_t panel = next - first_task[n], rows = bild::PanelRows(q.k, sizeof(W));
+      ahead.start = reinterpret_cast<const char*>(q.w + bild::PanelOffset(rows, panel));
+      ahead.lines = (rows * bild::PanelWidth(q.n, panel) * static_cast<int64_t>(sizeof(W)) + 63) / 64;
+      const int64_t steps = (p.m + kTileRows - 1) / kTileRows * p.k;
+      ahead.per_step = (ahead.lines + steps - 1) / steps;
+    }
+    PanelProduct(p, splits[i], task - first_task[i], ahead);
+  }
+  // Part `part` of `parts`: a contiguous run of tasks, each prefetching the next.
+  void RunPart(int64_t part, int64_t parts) const {
+    const int64_t end = (part + 1) * tasks() / parts;
+    for (int64_t task = part * tasks() / parts; task < end; ++task) Run(task, task + 1 < end ? task + 1 : -1);
+  }
+  size_t ProductOf(int64_t task) const {
     size_t i = 0;
     while (task >= first_task[i + 1]) ++i;
-    PanelProduct(products[i], splits[i], task - first_task[i]);
+    return i;
   }
 };
 
