@@ -3,10 +3,12 @@
 
 Per row, the output buffer holds `num_tokens` tokens. `large_seen` of them are in the large model's cache;
 token `large_seen` is verified (written or already judged by the large model) and the ones after it are
-unverified drafts. The small model's cache holds all but the last one or two tokens. Each iteration:
-1. `small_step`, every drafting row: feed the 1-2 tokens the small model has not seen, then either append
+unverified drafts. The small model's cache holds all but the last one or two tokens (up to lookup_tokens + 1
+after a pass kept prompt-lookup drafts). Each iteration:
+1. `small_step`, every drafting row: feed the tokens the small model has not seen, then either append
    a draft (its argmax, or a sample) or, when its confidence is below `fallback_threshold`, fall back (in
-   exact mode appending that draft all the same, for the large pass to judge); a row that falls back, has
+   exact mode appending that draft all the same, for the large pass to judge; exact greedy mode appends a
+   prompt lookup's drafts instead where it finds some, `bild_jax.prompt_lookup`); a row that falls back, has
    `draft_limit` drafts since the large model last wrote, or (with tail verification) has drafted its end
    starts waiting, and sits out small steps until its pass;
 2. `large_pass`, when the schedule says so (`runs_large_pass`, `bild_jax.schedule`): one large pass over
@@ -513,8 +515,9 @@ def bild_decode(small: Model, large: Model, prompts: jax.Array, prompt_lengths: 
 
     prompts [B, T] int32 right-padded with prompt_lengths [B] int32 (the encoder input for T5 pairs);
     `max_new_tokens`, `max_draft`, `pad_token_id`, `narrow_widths` (the verification block widths compiled
-    besides max_draft + 1) and `lookup_tokens` (`BiLDConfig`'s, at most max_draft) are static. `rng`: one PRNG key or [B] keys, one per row (`sampling.row_keys`);
-    None uses a fixed key, fine for greedy decoding, which draws nothing.
+    besides max_draft + 1) and `lookup_tokens` (`BiLDConfig`'s, at most max_draft) are static. `rng`: one
+    PRNG key or [B] keys, one per row (`sampling.row_keys`); None uses a fixed key, fine for greedy
+    decoding, which draws nothing.
     """
     ctx = make_context(small, large, prompts, prompt_lengths, policy, max_new_tokens, max_draft, rng, narrow_widths,
                        lookup_tokens)

@@ -24,7 +24,8 @@ MOMENTS = ("importing", "library", "loading", "compiling", "decoding")
 # A length that makes decoding last a few seconds on a CPU, after ~10 s of compiling.
 # --no-profile: the library defaults, so that stderr holds nothing but what an interrupt prints.
 GENERATE = ["generate", "--prompt", "def main(argv):", "--max-new-tokens", "300", "--max-draft", "4", "--no-profile"]
-STATIC = ("max_new_tokens", "max_draft", "pad_token_id", "narrow_widths", "lookup_tokens")  # _bild_decode_jit's static arguments
+# _bild_decode_jit's static arguments
+STATIC = ("max_new_tokens", "max_draft", "pad_token_id", "narrow_widths", "lookup_tokens")
 
 
 def _marker(stage: str) -> None:

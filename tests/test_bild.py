@@ -164,8 +164,8 @@ def test_small_model_catches_up_on_accepted_lookup_drafts(bild_pair):
     prompts, lengths = bild_jax.generate.prepare_inputs((small,), _prompts(large.vocab_size), N, None, None)[1:]
     expected = np.asarray(bild_jax.greedy_generate(small, _prompts(large.vocab_size), max_new_tokens=fed + 1,
                                                    eos_token_id=[]).tokens)
-    config = BiLDConfig(max_new_tokens=N, max_draft=8, fallback_threshold=0.0, eos_token_id=[], schedule=BatchSchedule(),
-                        lookup_tokens=lookup_tokens)
+    config = BiLDConfig(max_new_tokens=N, max_draft=8, fallback_threshold=0.0, eos_token_id=[],
+                        schedule=BatchSchedule(), lookup_tokens=lookup_tokens)
     policy = bild.BiLDPolicy.from_config(config, bild_jax.prompts.eos_array(large, []), len(prompts))
     ctx = bild.make_context(bild_jax.model.with_panels(small), bild_jax.model.with_panels(large), prompts, lengths,
                             policy, N, config.max_draft, None, bild.NARROW_VERIFY_WIDTHS, lookup_tokens)
